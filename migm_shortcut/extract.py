@@ -1,0 +1,58 @@
+"""Trajectory extraction: run the vanilla sampler and record every step's features into Zarr.
+
+Sample i is generated for class i mod C with its own seeded generator, so the store's content does
+not depend on how the work is split. The store is cut into units (whole shards); a worker takes the
+units `worker, worker + W, ...` that are not yet marked done, and marks each one only after all of
+its samples are written: a killed run redoes at most the unit it was in.
+"""
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .bases.contract import MaskedBase
+from .sampling import SamplingRule, generate
+from .store import TrajectoryStore
+
+
+def labels_for(indices: range, num_classes: int) -> torch.Tensor:
+    return torch.tensor(list(indices)) % num_classes
+
+
+def open_store(url: str, base: MaskedBase, rule: SamplingRule, *, num_samples: int, dtype: str, unit_size: int,
+               seed: int, num_classes: int) -> TrajectoryStore:
+    """Create the store or reopen it to resume; create it once before starting parallel workers."""
+    meta = {"base_id": base.base_id, "rule": vars(rule), "seed": seed, "num_classes": num_classes}
+    return TrajectoryStore.create_or_open(
+        url, meta=meta, num_samples=num_samples, steps=rule.steps, seq_len=base.seq_len, dim=base.dim,
+        num_tokens=base.num_tokens, dtype=dtype, unit_size=unit_size,
+    )  # fmt: skip
+
+
+def extract(store: TrajectoryStore, base: MaskedBase, rule: SamplingRule, *, batch_size: int, worker: int = 0,
+            num_workers: int = 1, device: torch.device = torch.device("cpu"), progress: bool = True) -> dict:
+    """Fill this worker's pending units; return what was done and how fast."""
+    seed, num_classes = store.meta["seed"], store.meta["num_classes"]
+    units = store.pending_units(worker, num_workers)
+    todo = sum(len(store.unit_range(u)) for u in units)
+    bar = tqdm(total=todo, desc=f"extract w{worker}", unit="sample", disable=not progress, leave=False)
+    start = time.perf_counter()
+    for unit in units:
+        samples = store.unit_range(unit)
+        for first in range(samples.start, samples.stop, batch_size):
+            ids = range(first, min(first + batch_size, samples.stop))
+            labels = labels_for(ids, num_classes)
+            out = generate(base, rule, labels.to(device), list(ids), seed, record=True)
+            store.write_batch(first, out.features.numpy(), out.tokens.cpu(), out.order.cpu(), labels)
+            bar.update(len(ids))
+        store.mark_done(unit)
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {"samples_written": todo, "units_written": len(units), "seconds": seconds,
+            "samples_per_second": todo / seconds if todo else 0.0}
+
+
+def store_bytes(path: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

@@ -1,0 +1,55 @@
+"""Pure functions that decide *when* things happen, apart from any model (like diffusers' schedulers).
+
+- `reveal_counts`: how many tokens the MaskGIT arccos schedule commits at each step.
+- `refresh_steps`: which steps of an N-step run call the base model (the refresh budget B).
+- `cfg_weight`, `noise_scale`: the per-step ramps of the sampling rule.
+"""
+
+import math
+
+
+def reveal_counts(steps: int, num_tokens: int) -> list[int]:
+    """Tokens committed at each step by the arccos schedule (SPEC section 3).
+
+    r = linspace(1, 0, N); v = arccos(r) / (pi/2); step i reveals round(v_i / sum(v) * L), at least
+    one, and the last step takes whatever remains so the counts always sum to L.
+    """
+    if not 1 <= steps <= num_tokens:
+        raise ValueError(f"steps must be in [1, {num_tokens}] (one token per step at least), got {steps}")
+    if steps == 1:
+        return [num_tokens]
+    ratios = [1 - i / (steps - 1) for i in range(steps)]
+    v = [math.acos(r) / (math.pi / 2) for r in ratios]
+    total = sum(v)
+    counts, left = [], num_tokens
+    for i in range(steps - 1):
+        # Keep at least one token for every later step, so no step is ever empty.
+        n = min(max(1, round(v[i] / total * num_tokens)), left - (steps - 1 - i))
+        counts.append(n)
+        left -= n
+    counts.append(left)
+    return counts
+
+
+def refresh_steps(steps: int, budget: int) -> list[int]:
+    """The B full (base-model) steps of an N-step run (SPEC section 6).
+
+    Step 0 is always full; s_k = max(s_{k-1} + 1, round(N k / B)) for k = 1..B-1. Python's round() is
+    round-half-to-even, as the spec requires. B = N gives every step, i.e. vanilla sampling.
+    """
+    if not 1 <= budget <= steps:
+        raise ValueError(f"budget must be in [1, steps={steps}], got {budget}")
+    full = [0]
+    for k in range(1, budget):
+        full.append(max(full[-1] + 1, round(steps * k / budget)))
+    return full
+
+
+def cfg_weight(scale: float, step: int, steps: int) -> float:
+    """Guidance weight ramps linearly from 0 at the first step to `scale` at the last."""
+    return scale * step / (steps - 1) if steps > 1 else scale
+
+
+def noise_scale(tau: float, step: int, steps: int) -> float:
+    """Gumbel confidence noise anneals linearly from tau at the first step to 0 at the last."""
+    return tau * (1 - step / (steps - 1)) if steps > 1 else 0.0

@@ -1,0 +1,218 @@
+"""MLflow 3 tracking: one parent run per pipeline run, one nested child run per stage or setting.
+
+Stages run as separate processes (DVC, Prefect), so the parent's id is kept in a small JSON file
+mapping a pipeline-run key (chosen by the caller, e.g. git commit + params hash) to a run id.
+`dvc exp run` works in a temporary copy of the repo, so nothing here derives paths from the
+working directory: every call gets the real project root.
+
+Only the client API is used (no `mlflow.start_run`), so no process-global "active run" exists.
+Runs are only ever created and appended to: nothing here deletes, restores or overwrites a run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+PIPELINE_KEY_TAG = "migm.pipeline_key"
+_RETRIES = 6  # waits 0.25 + 0.5 + 1 + 2 + 4 s, about 8 s in all, before giving up
+T = TypeVar("T")
+
+
+def tracking_uri(root: Path) -> str:
+    """`MLFLOW_TRACKING_URI` if set, else the SQLite file `<root>/mlruns.db` (absolute path)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlruns.db'}"
+
+
+@functools.cache
+def _client(uri: str) -> MlflowClient:
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    # MlflowClient() connects at once, and the first connection to a new SQLite file creates its
+    # tables with alembic migrations; processes doing that at once break each other's schema.
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return MlflowClient(tracking_uri=uri)
+
+
+def _retry(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call fn, retrying with backoff while SQLite reports "database is locked" (several
+    processes writing one file); any other error is raised at once."""
+    for attempt in range(_RETRIES - 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            if "database is locked" not in str(err):
+                raise
+            time.sleep(0.25 * 2**attempt)
+    return fn(*args, **kwargs)  # the last try: its error propagates
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    # Nested params.yaml sections become "section.key" params, the way DVC names them.
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out
+
+
+def _chunks(items: list[T], size: int) -> Iterable[list[T]]:
+    return (items[i : i + size] for i in range(0, len(items), size))
+
+
+def _log(
+    client: MlflowClient,
+    run_id: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    metrics: Iterable[tuple[str, float, int]] = (),
+) -> None:
+    """Log params and (key, value, step) metrics in batches within MLflow's per-request limits."""
+    now = int(time.time() * 1000)
+    for chunk in _chunks([Param(k, v) for k, v in _flatten(params or {}).items()], 100):
+        _retry(client.log_batch, run_id, params=chunk)
+    for chunk in _chunks([Metric(k, float(v), now, step) for k, v, step in metrics], 1000):
+        _retry(client.log_batch, run_id, metrics=chunk)
+
+
+def _experiment_id(client: MlflowClient, root: Path, name: str) -> str:
+    exp = _retry(client.get_experiment_by_name, name)
+    if exp is None:
+        # MLflow's default artifact root is ./mlruns relative to the working directory, which
+        # DVC discards after `exp run`: pin a local store's artifacts under the real root.
+        local = tracking_uri(root).startswith("sqlite:")
+        location = (Path(root).resolve() / "mlartifacts").as_uri() if local else None
+        try:
+            return _retry(client.create_experiment, name, artifact_location=location)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp = _retry(client.get_experiment_by_name, name)  # another process just created it
+    if exp.lifecycle_stage != "active":
+        raise RuntimeError(f"MLflow experiment {name!r} is deleted: restore it or choose another name")
+    return exp.experiment_id
+
+
+def _is_active(client: MlflowClient, run_id: str) -> bool:
+    try:
+        return _retry(client.get_run, run_id).info.lifecycle_stage == "active"
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return False  # e.g. the tracking URI changed since the id was stored
+
+
+def pipeline_run(
+    root: Path,
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    *,
+    key: str,
+    state_file: Path,
+) -> str:
+    """Id of the parent run for pipeline-run `key`, created (with params and tags) if needed.
+
+    `state_file` maps keys to parent ids; it is locked while read and updated, so stages that
+    start at the same time share one parent. A stored id whose run is missing or deleted is
+    replaced by a new run (the old one is left alone).
+    """
+    client = _client(tracking_uri(root))
+    state_file = Path(state_file)
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    with state_file.open("a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        f.seek(0)
+        text = f.read()
+        parents: dict[str, str] = json.loads(text) if text.strip() else {}
+        if key in parents and _is_active(client, parents[key]):
+            return parents[key]
+        run = _retry(
+            client.create_run,
+            _experiment_id(client, root, experiment),
+            run_name=run_name,
+            tags={**tags, PIPELINE_KEY_TAG: key},
+        )
+        run_id = run.info.run_id
+        _log(client, run_id, params=params)
+        # Children may still be added later; FINISHED just keeps the UI from showing it as live.
+        _retry(client.set_terminated, run_id)
+        parents[key] = run_id
+        f.seek(0)
+        f.truncate()
+        json.dump(parents, f, indent=1)
+    return run_id
+
+
+def _start_child(client: MlflowClient, parent_id: str, name: str, tags: Mapping[str, str] | None) -> str:
+    experiment_id = _retry(client.get_run, parent_id).info.experiment_id
+    tags = {**(tags or {}), MLFLOW_PARENT_RUN_ID: parent_id}
+    run = _retry(client.create_run, experiment_id, run_name=name, tags=tags)
+    return run.info.run_id
+
+
+def child_run(
+    root: Path,
+    parent_id: str,
+    name: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    history: Iterable[Mapping[str, Any]] = (),
+    artifacts: Iterable[Path] = (),
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    """Log one finished nested run; its id.
+
+    `metrics` are final values; `history` is a training curve, one dict per logged step (its
+    "step" key, else its index; non-numeric entries skipped); `artifacts` are files or folders.
+    """
+    client = _client(tracking_uri(root))
+    run_id = _start_child(client, parent_id, name, tags)
+    points = [
+        (k, v, int(h.get("step", i)))
+        for i, h in enumerate(history)
+        for k, v in h.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    points += [(k, v, 0) for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    _log(client, run_id, params=params, metrics=points)
+    for path in map(Path, artifacts):
+        log = client.log_artifacts if path.is_dir() else client.log_artifact
+        _retry(log, run_id, str(path))
+    _retry(client.set_terminated, run_id)
+    return run_id
+
+
+def log_model_checkpoint(
+    root: Path, run_id: str, path: Path, config: Mapping[str, Any] | Path | None = None
+) -> None:
+    """Attach a safetensors checkpoint and its config (a JSON file or a dict) under `checkpoint/`.
+
+    Plain artifacts rather than `mlflow.pytorch.log_model`: that pickles or exports the module
+    (pt2, with an input example) and needs this package importable to load it back, whereas the
+    project's own loader reads exactly these two files.
+    """
+    client = _client(tracking_uri(root))
+    _retry(client.log_artifact, run_id, str(path), "checkpoint")
+    if isinstance(config, Mapping):
+        _retry(client.log_dict, run_id, dict(config), "checkpoint/config.json")
+    elif config is not None:
+        _retry(client.log_artifact, run_id, str(config), "checkpoint")

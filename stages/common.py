@@ -1,0 +1,110 @@
+"""What every stage shares: telemetry off, the project root, params, device, JSON outputs, MLflow."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# No telemetry leaves the machine, and nothing waits on a network it cannot reach.
+for _key, _value in {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+                     "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
+    os.environ.setdefault(_key, _value)
+
+import torch  # noqa: E402
+
+from migm_shortcut import tracking  # noqa: E402
+from migm_shortcut.config import ConfigError, Params, load_params  # noqa: E402
+from migm_shortcut.sampling import SamplingRule  # noqa: E402
+
+DATA = Path("data")
+PARAMS_FILE = Path("params.yaml")
+
+
+def project_root() -> Path:
+    """The real project folder, also from inside a `dvc exp run` temporary copy (.dvc/tmp/exps/...).
+
+    MLflow's store and the pipeline-run record live there, so experiments land in the same place."""
+    if env := os.environ.get("MIGM_ROOT"):
+        return Path(env).resolve()
+    cwd = Path.cwd().resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd
+
+
+def params() -> Params:
+    try:
+        return load_params(PARAMS_FILE)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+
+
+def sampling_rule(p: Params, steps: int | None = None) -> SamplingRule:
+    s = p.sampling
+    return SamplingRule(steps=steps or s.steps, cfg=s.cfg, tau=s.tau, temperature=s.temperature)
+
+
+def device() -> torch.device:
+    return torch.device(os.environ.get("MIGM_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def write_json(path: Path, obj) -> Path:
+    """Atomic: a reader (or a killed run) never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _dvc_hashes() -> dict[str, str]:
+    """Output hashes recorded in dvc.lock: the data and model versions a run used."""
+    lock = Path("dvc.lock")
+    if not lock.is_file():
+        return {}
+    import yaml
+
+    out = {}
+    for stage, entry in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).items():
+        for o in entry.get("outs", []):
+            out[f"dvc.{stage}.{o['path']}"] = o.get("md5", "")
+    return out
+
+
+def parent_run(p: Params) -> str:
+    """The MLflow parent run of this pipeline run, shared by all its stages (also across processes).
+
+    A pipeline run is `MIGM_PIPELINE_RUN` when a flow sets it, else (git commit, params) — so the
+    stages of one `dvc repro` meet in one parent, and a changed sweep gets a new one."""
+    commit = _git("rev-parse", "HEAD")
+    key = os.environ.get("MIGM_PIPELINE_RUN") or f"{commit[:12]}-{hashlib.sha256(PARAMS_FILE.read_bytes()).hexdigest()[:12]}"
+    root = project_root()
+    return tracking.pipeline_run(
+        root, p.tracking.experiment, run_name=f"pipeline {key}", params=p.model_dump(mode="json"),
+        tags={"git_commit": commit, "git_dirty": str(bool(_git("status", "--porcelain", "-uno"))), **_dvc_hashes()},
+        key=key, state_file=root / ".migm" / "pipeline_runs.json",
+    )  # fmt: skip
+
+
+def log_stage(p: Params, name: str, *, params: dict | None = None, metrics: dict | None = None,
+              history: list[dict] = (), artifacts: list[Path] = ()) -> str:
+    """One MLflow child run for a stage under the pipeline's parent run."""
+    root = project_root()
+    return tracking.child_run(root, parent_run(p), name, params=params, metrics=metrics, history=history,
+                              artifacts=artifacts)

@@ -1,0 +1,64 @@
+"""Stage `extract`: record vanilla trajectories of the base into the Zarr store (resumable, sharded).
+
+    python -m stages.extract                         # all units (what `dvc repro` runs)
+    python -m stages.extract --worker 1 --workers 2  # one of two workers filling the same store
+
+Run `--create-only` once before starting several workers; each then fills its own units.
+"""
+
+import argparse
+import shutil
+import time
+
+from migm_shortcut.bases import load_base
+from migm_shortcut.extract import extract, open_store, store_bytes
+
+from .base import MODEL as BASE_MODEL
+from .common import DATA, device, sampling_rule, log_stage, params, write_json
+
+STORE = DATA / "trajectories.zarr"
+METRICS = DATA / "extract" / "metrics.json"
+
+
+def prepare_store(p, base):
+    """Open the store to resume; a store made by another base or config is replaced (it is this stage's output)."""
+    kwargs = dict(num_samples=p.extract.num_train + p.extract.num_val, dtype=p.extract.dtype,
+                  unit_size=p.extract.unit_size, seed=p.extract.seed, num_classes=base.num_classes)
+    try:
+        return open_store(str(STORE), base, sampling_rule(p), **kwargs)
+    except ValueError as err:
+        print(f"extract: {err}; starting a new store")
+        shutil.rmtree(STORE)
+        return open_store(str(STORE), base, sampling_rule(p), **kwargs)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--create-only", action="store_true")
+    args = parser.parse_args(argv)
+    if not 0 <= args.worker < args.workers:
+        parser.error(f"--worker must be in [0, --workers={args.workers})")
+    p, dev = params(), device()
+    base = load_base(BASE_MODEL, dev)
+    store = prepare_store(p, base)
+    if args.create_only:
+        return
+    stats = extract(store, base, sampling_rule(p), batch_size=p.extract.batch_size, worker=args.worker,
+                    num_workers=args.workers, device=dev)
+    if not store.is_complete():
+        print(f"extract: worker {args.worker} done; other workers' units are still pending")
+        return
+    size = store_bytes(STORE)
+    metrics = {"num_samples": store.num_samples, "store_megabytes": size / 2**20, **stats,
+               "write_megabytes_per_second": size / 2**20 * stats["samples_written"] / store.num_samples / stats["seconds"]
+               if stats["samples_written"] else 0.0, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json(METRICS, metrics)
+    log_stage(p, "extract", params=p.extract.model_dump(), metrics=metrics)
+    print(f"extract: {store.num_samples} trajectories, {metrics['store_megabytes']:.0f} MB, "
+          f"{stats['samples_per_second']:.1f} samples/s this run")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Stage `prepare`: load the dataset, cut deterministic train/val/test splits, store them as one file."""
+
+import numpy as np
+
+from migm_shortcut.data import DatasetNotFoundError, Split, load_dataset
+
+from .common import DATA, params, write_json
+
+SPLITS = DATA / "dataset" / "splits.npz"
+
+
+def load_splits() -> dict[str, Split]:
+    if not SPLITS.is_file():
+        raise FileNotFoundError(f"{SPLITS} is missing: run the prepare stage first (`dvc repro prepare`)")
+    import torch
+
+    with np.load(SPLITS) as z:
+        num_classes = int(z["num_classes"])
+        return {name: Split(torch.from_numpy(z[f"{name}_images"]), torch.from_numpy(z[f"{name}_labels"]), num_classes)
+                for name in ("train", "val", "test")}
+
+
+def main() -> None:
+    p = params()
+    try:
+        splits = load_dataset(p.data.dataset, p.data.root, p.data.image_size, p.data.val_size, p.data.seed)
+    except DatasetNotFoundError as err:
+        raise SystemExit(f"error: {err}")
+    SPLITS.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"{k}_{a}": getattr(s, a).numpy() for k, s in splits.items() for a in ("images", "labels")}
+    tmp = SPLITS.with_suffix(".tmp.npz")
+    np.savez(tmp, num_classes=splits["train"].num_classes, **arrays)
+    tmp.replace(SPLITS)
+    info = {"dataset": p.data.dataset, "num_classes": splits["train"].num_classes,
+            **{f"{k}_size": len(s) for k, s in splits.items()},
+            "train_mean_pixel": float(splits["train"].images.float().mean())}
+    write_json(DATA / "dataset" / "info.json", info)
+    print(info)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Stage `sample`: every sampler configuration of the grid in params.yaml writes its samples.
+
+    python -m stages.sample                         # the whole grid (what `dvc repro` runs)
+    python -m stages.sample --worker 0 --workers 2  # one shard of the grid, e.g. on one GPU worker
+
+Each configuration gets a folder data/samples/<name>/ with its tokens, images, a per-class grid and
+info.json (latency: warm-up dropped, median of repeats, per image, with and without the decoder).
+Folders appear whole (written under a temporary name, then renamed).
+"""
+
+import argparse
+import shutil
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from migm_shortcut.bases import load_base
+from migm_shortcut.config import SamplerSetting
+from migm_shortcut.images import save_grid, to_uint8
+from migm_shortcut.metrics import fixed_threads, measure_latency
+from migm_shortcut.sampling import Extrapolate, FeatureSource, Learned, Reuse, generate
+
+from .base import MODEL as BASE_MODEL
+from .common import DATA, device, sampling_rule, params, write_json
+from .train_shortcut import load_shortcut
+
+OUT = DATA / "samples"
+
+
+def feature_source(kind: str, base, shortcut) -> FeatureSource:
+    """A fresh source per call: some keep state across the steps of one run (extrapolation)."""
+    return {"vanilla": FeatureSource, "reuse": Reuse, "extrapolate": Extrapolate,
+            "shortcut": lambda: Learned(shortcut, base)}[kind]()
+
+
+def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: float) -> dict:
+    rule, s = sampling_rule(p, setting.steps), p.sample
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+    labels = torch.arange(s.num_samples) % base.num_classes  # the same classes for every configuration
+
+    def sample(ids: range):
+        return generate(base, rule, labels[ids.start : ids.stop].to(dev), list(ids), s.seed, budget=setting.budget,
+                        source=feature_source(setting.sampler, base, shortcut), autocast_dtype=amp)
+
+    start, tokens = time.perf_counter(), []
+    for first in tqdm(range(0, s.num_samples, s.batch_size), desc=setting.name, leave=False):
+        tokens.append(sample(range(first, min(first + s.batch_size, s.num_samples))).tokens.cpu())
+    seconds = time.perf_counter() - start
+    tokens = torch.cat(tokens)
+    images = torch.cat([to_uint8(base.decode(t.to(dev))).cpu() for t in tokens.split(s.batch_size)])
+
+    lat = s.latency
+    batch = min(lat.batch_size, s.num_samples)
+    with fixed_threads(lat.threads):
+        latency = measure_latency(lambda: sample(range(batch)), warmup=lat.warmup, repeats=lat.repeats,
+                                  batch_size=batch, device=dev)
+
+    folder = OUT / setting.name
+    tmp = OUT / f".{setting.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    np.savez(tmp / "samples.npz", tokens=tokens.numpy().astype(np.int32), labels=labels.numpy(), images=images.numpy())
+    save_grid(images, labels, tmp / "grid.png")
+    info = {**setting.model_dump(), "name": setting.name, "num_samples": s.num_samples, "seconds": seconds,
+            "base_calls": setting.budget, "feature_source_calls": setting.steps - setting.budget,
+            "latency_ms": latency["median_ms_per_image"], "latency_p10_ms": latency["p10"],
+            "latency_p90_ms": latency["p90"], "latency_repeats": latency["repeats"], "latency_batch_size": batch,
+            "latency_with_decoder_ms": latency["median_ms_per_image"] + decoder_ms, "device": str(dev)}
+    write_json(tmp / "info.json", info)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return info
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--only", nargs="*", help="configuration names to run (default: all of this worker's)")
+    args = parser.parse_args(argv)
+    if not 0 <= args.worker < args.workers:
+        parser.error(f"--worker must be in [0, --workers={args.workers})")
+    p, dev = params(), device()
+    settings = p.sample.settings()[args.worker :: args.workers]
+    if args.only:
+        if unknown := set(args.only) - {s.name for s in p.sample.settings()}:
+            parser.error(f"unknown configurations {sorted(unknown)}")
+        settings = [s for s in settings if s.name in args.only]
+    base = load_base(BASE_MODEL, dev)
+    shortcut = load_shortcut(base.base_id).to(dev) if any(s.sampler == "shortcut" for s in settings) else None
+    lat = p.sample.latency
+    codes = torch.zeros(min(lat.batch_size, p.sample.num_samples), base.num_tokens, dtype=torch.long, device=dev)
+    with fixed_threads(lat.threads):
+        decoder = measure_latency(lambda: base.decode(codes), warmup=lat.warmup, repeats=lat.repeats,
+                                  batch_size=len(codes), device=dev)
+    for setting in settings:
+        info = run_setting(setting, p, base, shortcut, dev, decoder["median_ms_per_image"])
+        print(f"sample {info['name']}: {info['latency_ms']:.2f} ms/image, {info['seconds']:.0f} s for {info['num_samples']}")
+
+
+if __name__ == "__main__":
+    main()

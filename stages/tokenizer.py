@@ -1,0 +1,47 @@
+"""Stage `tokenizer`: train the VQ tokenizer, then encode the train and val splits to token grids."""
+
+import numpy as np
+
+from migm_shortcut.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from migm_shortcut.tokenizer import VQTokenizer, encode_dataset, fit_tokenizer
+
+from .common import DATA, log_stage, params, write_json
+from .prepare import load_splits
+
+OUT = DATA / "tokenizer"
+MODEL, CODES = OUT / "model.safetensors", OUT / "codes.npz"
+
+
+def tokenizer_config(p, channels: int) -> dict:
+    t = p.tokenizer
+    return dict(codebook_size=t.codebook_size, code_dim=t.code_dim, hidden=t.hidden, channels=channels,
+                ema_decay=t.ema_decay, image_size=p.data.image_size)
+
+
+def load_tokenizer() -> tuple[VQTokenizer, dict]:
+    state, config = load_checkpoint(MODEL)
+    model = VQTokenizer(**config["model"])
+    load_state_strict(model, state, str(MODEL))
+    return model.eval(), config
+
+
+def main() -> None:
+    p = params()
+    splits = load_splits()
+    config = tokenizer_config(p, channels=splits["train"].images.shape[1])
+    model = VQTokenizer(**config)
+    history = []
+    metrics = fit_tokenizer(model, splits["train"].images, splits["val"].images, steps=p.tokenizer.steps,
+                            batch_size=p.tokenizer.batch_size, lr=p.tokenizer.lr, seed=p.tokenizer.seed,
+                            log=lambda step, stats: history.append({"step": step, **stats}))
+    model.eval()
+    save_checkpoint(MODEL, model.state_dict(), {"kind": "vq-tokenizer", "model": config})
+    codes = {f"{k}_codes": encode_dataset(model, splits[k].images).numpy().astype(np.int16) for k in ("train", "val")}
+    np.savez(CODES, **codes, **{f"{k}_labels": splits[k].labels.numpy() for k in ("train", "val")})
+    write_json(OUT / "metrics.json", metrics)
+    log_stage(p, "tokenizer", params=p.tokenizer.model_dump(), metrics=metrics, history=history)
+    print(f"tokenizer: val mse {metrics['mse']:.4f}, codebook usage {metrics['usage']:.0%}, perplexity {metrics['perplexity']:.0f}")
+
+
+if __name__ == "__main__":
+    main()

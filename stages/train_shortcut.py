@@ -1,0 +1,66 @@
+"""Stage `train_shortcut`: train the shortcut on the stored trajectories, validate it per step."""
+
+from migm_shortcut.bases import load_base
+from migm_shortcut.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from migm_shortcut.shortcut import Shortcut, ShortcutSpec
+from migm_shortcut.store import PairDataset, TrajectoryStore
+from migm_shortcut.tracking import log_model_checkpoint
+from migm_shortcut.train import train_shortcut, validate_shortcut
+
+from .base import MODEL as BASE_MODEL
+from .common import DATA, device, log_stage, params, project_root, write_json
+from .extract import STORE
+
+OUT = DATA / "shortcut"
+MODEL = OUT / "model.safetensors"
+
+
+def load_shortcut(base_id: str | None = None) -> Shortcut:
+    """The trained shortcut; with `base_id`, refuse one trained on another base's features."""
+    state, config = load_checkpoint(MODEL)
+    if base_id is not None and config["base_id"] != base_id:
+        raise ValueError(f"{MODEL} was trained on base {config['base_id']}, not {base_id}: rerun train_shortcut")
+    model = Shortcut(ShortcutSpec(**config["spec"]))
+    load_state_strict(model, state, str(MODEL))
+    return model.eval().requires_grad_(False)
+
+
+def main() -> None:
+    p, dev = params(), device()
+    s = p.shortcut
+    base = load_base(BASE_MODEL, dev)
+    store = TrajectoryStore.open(str(STORE))
+    if store.meta["base_id"] != base.base_id:
+        raise SystemExit(f"error: {STORE} holds trajectories of {store.meta['base_id']}, not {base.base_id}: rerun extract")
+    # The last num_val trajectories are held out for validation.
+    num_train = store.num_samples - p.extract.num_val
+    train_set = PairDataset(str(STORE), range(num_train), unroll=s.unroll)
+    val_set = PairDataset(str(STORE), range(num_train, store.num_samples))
+    spec = ShortcutSpec(dim=base.dim, bottleneck_ratio=s.bottleneck_ratio, blocks=s.blocks, heads=s.heads,
+                        cross_attention=s.cross_attention, time_embedding=s.time_embedding)
+    history = []
+    model = train_shortcut(Shortcut(spec), base, train_set, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
+                           lr_decay_at=s.lr_decay_at, weight_decay=s.weight_decay, ema_decay=s.ema_decay,
+                           ema_warmup=s.ema_warmup, grad_clip=s.grad_clip, num_workers=s.num_workers, seed=s.seed,
+                           device=dev, log=lambda step, stats: history.append({"step": step, **stats}))
+    per_step = validate_shortcut(model, base, val_set, device=dev)
+    save_checkpoint(MODEL, model.state_dict(), {"kind": "shortcut", "spec": spec.to_dict(), "base_id": base.base_id,
+                                                "trained_on_steps": store.steps, "updates": s.steps})
+    ratios = [r["mse_ratio"] for r in per_step]
+    size = sum(t.numel() for t in model.parameters())
+    metrics = {"val_mse_ratio_mean": sum(ratios) / len(ratios), "val_mse_ratio_max": max(ratios),
+               "val_mse_ratio_last": ratios[-1], "val_cosine_mean": sum(r["cosine"] for r in per_step) / len(per_step),
+               "val_reuse_cosine_mean": sum(r["reuse_cosine"] for r in per_step) / len(per_step),
+               "parameters": size, "parameter_fraction_of_base": size / base.transformer_parameters(),
+               "final_loss": history[-1]["loss"]}
+    write_json(OUT / "metrics.json", metrics)
+    write_json(OUT / "val_per_step.json", per_step)
+    run = log_stage(p, "shortcut", params=s.model_dump(), history=history + [{"step": s.steps, **metrics}],
+                    artifacts=[OUT / "val_per_step.json"])
+    log_model_checkpoint(project_root(), run, MODEL, load_checkpoint(MODEL)[1])
+    print(f"shortcut: val MSE / reuse MSE {metrics['val_mse_ratio_mean']:.2f} mean, {metrics['val_mse_ratio_last']:.2f} last step, "
+          f"{metrics['val_mse_ratio_max']:.2f} worst; {metrics['parameter_fraction_of_base']:.1%} of the base's parameters")
+
+
+if __name__ == "__main__":
+    main()

