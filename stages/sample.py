@@ -5,10 +5,15 @@
 
 Each configuration gets a folder data/samples/<name>/ with its tokens, images, a per-class grid and
 info.json (latency: warm-up dropped, median of repeats, per image, with and without the decoder).
-Folders appear whole (written under a temporary name, then renamed).
+Folders appear whole (written under a temporary name, then renamed) and carry a fingerprint of
+everything that made them (configuration, sampling rule, models): a rerun skips the folders that
+are already right, so a killed or sharded run resumes, and `dvc repro` after workers filled the
+folders only checks them.
 """
 
 import argparse
+import hashlib
+import json
 import shutil
 import time
 
@@ -24,6 +29,7 @@ from migm_shortcut.sampling import Extrapolate, FeatureSource, Learned, Reuse, g
 
 from .base import MODEL as BASE_MODEL
 from .common import DATA, device, sampling_rule, params, write_json
+from .train_shortcut import MODEL as SHORTCUT_MODEL
 from .train_shortcut import load_shortcut
 
 OUT = DATA / "samples"
@@ -35,7 +41,21 @@ def feature_source(kind: str, base, shortcut) -> FeatureSource:
             "shortcut": lambda: Learned(shortcut, base)}[kind]()
 
 
-def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: float) -> dict:
+def fingerprint(setting: SamplerSetting, p, base, shortcut_id: str | None) -> str:
+    inputs = {"setting": setting.model_dump(), "rule": vars(sampling_rule(p, setting.steps)),
+              "sample": p.sample.model_dump(exclude={"vanilla_steps", "shortcut", "baselines", "baseline_steps"}),
+              "base": base.base_id, "shortcut": shortcut_id if setting.sampler == "shortcut" else None}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_info(folder) -> dict:
+    try:
+        return json.loads((folder / "info.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: float, fp: str) -> dict:
     rule, s = sampling_rule(p, setting.steps), p.sample
     amp = torch.bfloat16 if dev.type == "cuda" else None
     labels = torch.arange(s.num_samples) % base.num_classes  # the same classes for every configuration
@@ -67,7 +87,8 @@ def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: flo
             "base_calls": setting.budget, "feature_source_calls": setting.steps - setting.budget,
             "latency_ms": latency["median_ms_per_image"], "latency_p10_ms": latency["p10"],
             "latency_p90_ms": latency["p90"], "latency_repeats": latency["repeats"], "latency_batch_size": batch,
-            "latency_with_decoder_ms": latency["median_ms_per_image"] + decoder_ms, "device": str(dev)}
+            "latency_with_decoder_ms": latency["median_ms_per_image"] + decoder_ms, "device": str(dev),
+            "fingerprint": fp}
     write_json(tmp / "info.json", info)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
@@ -89,14 +110,24 @@ def main(argv=None) -> None:
             parser.error(f"unknown configurations {sorted(unknown)}")
         settings = [s for s in settings if s.name in args.only]
     base = load_base(BASE_MODEL, dev)
-    shortcut = load_shortcut(base.base_id).to(dev) if any(s.sampler == "shortcut" for s in settings) else None
+    shortcut_id = hashlib.sha256(SHORTCUT_MODEL.read_bytes()).hexdigest()[:16] if SHORTCUT_MODEL.is_file() else None
+    todo = [s for s in settings if read_info(OUT / s.name).get("fingerprint") != fingerprint(s, p, base, shortcut_id)]
+    if args.workers == 1 and not args.only:  # the whole grid: drop folders of configurations no longer in it
+        for folder in OUT.glob("*"):
+            if folder.name not in {s.name for s in settings}:
+                shutil.rmtree(folder)
+    print(f"sample: {len(settings) - len(todo)} of {len(settings)} configurations already done")
+    if not todo:
+        return
+    shortcut = load_shortcut(base.base_id).to(dev) if any(s.sampler == "shortcut" for s in todo) else None
     lat = p.sample.latency
     codes = torch.zeros(min(lat.batch_size, p.sample.num_samples), base.num_tokens, dtype=torch.long, device=dev)
     with fixed_threads(lat.threads):
         decoder = measure_latency(lambda: base.decode(codes), warmup=lat.warmup, repeats=lat.repeats,
                                   batch_size=len(codes), device=dev)
-    for setting in settings:
-        info = run_setting(setting, p, base, shortcut, dev, decoder["median_ms_per_image"])
+    for setting in todo:
+        info = run_setting(setting, p, base, shortcut, dev, decoder["median_ms_per_image"],
+                           fingerprint(setting, p, base, shortcut_id))
         print(f"sample {info['name']}: {info['latency_ms']:.2f} ms/image, {info['seconds']:.0f} s for {info['num_samples']}")
 
 
