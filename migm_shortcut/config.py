@@ -22,7 +22,7 @@ class Section(BaseModel):
 class DataConfig(Section):
     dataset: Literal["mnist", "fashion-mnist", "imagefolder"] = "mnist"
     root: str | None = None  # folder of fashion-mnist IDX files or of an image folder
-    image_size: int = Field(28, ge=8)
+    image_size: int = Field(28, ge=8, multiple_of=4)  # the tokenizer downsamples by 4
     val_size: int = Field(5000, ge=1)
     seed: int = 0
 
@@ -96,6 +96,7 @@ class ShortcutConfig(Section):
     unroll: int = Field(1, ge=1)  # chained shortcut steps per training example; 1 = the paper
     steps: int = Field(3000, ge=1)
     batch_size: int = Field(64, ge=1)
+    pairs_per_trajectory: int = Field(16, ge=1)  # a batch streams from batch_size / this trajectories
     lr: float = Field(1e-3, gt=0)
     lr_decay_at: int = Field(2000, ge=0)  # lr drops 10x after this many updates
     weight_decay: float = Field(0.01, ge=0)
@@ -111,15 +112,6 @@ class ShortcutGrid(Section):
     budgets: list[int] = Field(min_length=1)
 
 
-class LatencyConfig(Section):
-    """Latency as the field measures it: warm-up calls dropped, repeats, median (SPEC section 7)."""
-
-    batch_size: int = Field(128, ge=1)
-    warmup: int = Field(1, ge=0)
-    repeats: int = Field(3, ge=1)
-    threads: int = Field(2, ge=1)  # CPU intra-op threads, fixed so runs compare
-
-
 class SamplerSetting(BaseModel):
     """One configuration of the sampling grid; `name` is its folder and its MLflow run name."""
 
@@ -133,14 +125,18 @@ class SamplerSetting(BaseModel):
 
 
 class SampleConfig(Section):
+    """The grid of sampler configurations. Latency is timed on the sampling batches themselves
+    (SPEC section 7): `warmup_batches` dropped, the median of the rest, per image."""
+
     num_samples: int = Field(1000, ge=1)
-    batch_size: int = Field(250, ge=1)
+    batch_size: int = Field(125, ge=1)  # also the latency batch size (the paper: 128)
+    warmup_batches: int = Field(1, ge=0)
+    threads: int = Field(2, ge=1)  # CPU intra-op threads, fixed so runs compare
     seed: int = 12345
     vanilla_steps: list[int] = Field(min_length=1)
     shortcut: list[ShortcutGrid] = Field(default_factory=list)
     baselines: list[Literal["reuse", "extrapolate"]] = Field(default_factory=list)
     baseline_steps: list[int] = Field(default_factory=list)  # the N of `shortcut` at which baselines run
-    latency: LatencyConfig = LatencyConfig()
 
     def settings(self) -> list[SamplerSetting]:
         out = [SamplerSetting(sampler="vanilla", steps=n, budget=n) for n in self.vanilla_steps]
@@ -186,6 +182,8 @@ class Params(Section):
         L = self.num_tokens
 
         def check_steps(key: str, n: int):
+            if n < 1:
+                raise ValueError(f"{key}={n} must be at least 1")
             if n > L:
                 raise ValueError(f"{key}={n} exceeds the {L} image tokens (at least one token per step)")
 
@@ -197,6 +195,17 @@ class Params(Section):
             for b in grid.budgets:
                 if not 1 <= b <= grid.steps:
                     raise ValueError(f"sample.shortcut[{i}].budgets: budget {b} must be in [1, steps={grid.steps}]")
+        width = self.base.width // self.shortcut.bottleneck_ratio
+        if self.base.width % self.shortcut.bottleneck_ratio or width % self.shortcut.heads:
+            raise ValueError(f"shortcut.heads={self.shortcut.heads} must divide the shortcut width base.width / "
+                             f"shortcut.bottleneck_ratio = {self.base.width} / {self.shortcut.bottleneck_ratio}")
+        sample = self.sample
+        if sample.num_samples % sample.batch_size or sample.num_samples // sample.batch_size <= sample.warmup_batches:
+            raise ValueError(f"sample.batch_size={sample.batch_size} must divide sample.num_samples={sample.num_samples} "
+                             f"into more batches than sample.warmup_batches={sample.warmup_batches} (latency repeats)")
+        names = [s.name for s in self.sample.settings()]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"sample: configurations listed twice: {', '.join(dupes)}")
         if self.sampling.steps not in self.sample.vanilla_steps:
             raise ValueError(f"sample.vanilla_steps must include sampling.steps={self.sampling.steps} (the reference for speedups)")
         for i, n in enumerate(self.sample.baseline_steps):

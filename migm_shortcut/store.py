@@ -282,8 +282,8 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitems__(self, items: list[int]) -> list[dict[str, torch.Tensor]]:
         """A batch of items (DataLoader calls this when batching is on).
 
-        The batch's feature windows go to zarr as one concurrent request, which spreads zarr's
-        per-call overhead (it, not decoding, bounds reading here).
+        The batch's reads go to zarr as one concurrent request, which spreads zarr's per-call
+        overhead (it, not decoding, bounds reading here).
         """
         if self._store is None or self._pid != os.getpid():  # forked workers inherit no usable store
             self._store, self._pid = TrajectoryStore.open(self.url), os.getpid()
@@ -292,15 +292,28 @@ class PairDataset(torch.utils.data.Dataset):
         for item in items:
             sample, rest = divmod(item, 2 * self.pairs_per_branch)
             keys.append((sample, *divmod(rest, self.pairs_per_branch)))
+        # One read per trajectory, covering all of the batch's pairs from it: a batch drawn from a
+        # few trajectories (see TrajectoryBatchSampler) costs a few reads, not one per pair.
+        spans: dict[int, list[int]] = {}
+        for sample, branch, step in keys:
+            lo = spans.setdefault(sample, [branch, branch, step, step])
+            lo[:] = [min(lo[0], branch), max(lo[1], branch), min(lo[2], step), max(lo[3], step)]
 
         async def fetch() -> list[np.ndarray]:
             windows = (
-                (self.indices[sample], branch, slice(step, step + self.unroll + 1)) for sample, branch, step in keys
+                (self.indices[sample], slice(b0, b1 + 1), slice(s0, s1 + self.unroll + 1))
+                for sample, (b0, b1, s0, s1) in spans.items()
             )
             return await asyncio.gather(*(features.getitem(window) for window in windows))
 
+        reads = dict(zip(spans, sync(fetch())))
+        windows = []
+        for sample, branch, step in keys:
+            b0, _, s0, _ = spans[sample]
+            windows.append(reads[sample][branch - b0, step - s0 : step - s0 + self.unroll + 1])
+
         batch = []
-        for (sample, branch, step), window in zip(keys, sync(fetch())):
+        for (sample, branch, step), window in zip(keys, windows):
             window = torch.from_numpy(window).float()
             batch.append({
                 "feature": window[0],
@@ -311,3 +324,32 @@ class PairDataset(torch.utils.data.Dataset):
                 "branch": torch.tensor(branch),
             })  # fmt: skip
         return batch
+
+
+class TrajectoryBatchSampler(torch.utils.data.Sampler):
+    """Batches of PairDataset items drawn from a few trajectories at a time.
+
+    Each batch takes `pairs_per_trajectory` random (branch, step) pairs from each of
+    batch_size / pairs_per_trajectory trajectories, visiting trajectories in a fresh random order
+    every epoch. Reading is then a few whole-trajectory reads per batch instead of one read per
+    pair, which is what makes streaming from the store fast enough to train on.
+    """
+
+    def __init__(self, dataset: PairDataset, batch_size: int, pairs_per_trajectory: int, seed: int = 0) -> None:
+        self.pairs = 2 * dataset.pairs_per_branch
+        self.per = min(pairs_per_trajectory, self.pairs, batch_size)
+        self.num_samples, self.batch_size = len(dataset.indices), batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.num_samples // -(-self.batch_size // self.per)
+
+    def __iter__(self):
+        per_batch = -(-self.batch_size // self.per)  # trajectories per batch
+        order = torch.randperm(self.num_samples, generator=self.generator).tolist()
+        for first in range(0, len(self) * per_batch, per_batch):
+            items = []
+            for sample in order[first : first + per_batch]:
+                picks = torch.randperm(self.pairs, generator=self.generator)[: self.per]
+                items += (sample * self.pairs + picks).tolist()
+            yield items[: self.batch_size]

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .bases.contract import MaskedBase
 from .shortcut import Shortcut
-from .store import PairDataset, pair_masks
+from .store import PairDataset, TrajectoryBatchSampler, pair_masks
 
 Log = Callable[[int, dict], None]
 
@@ -123,7 +123,7 @@ def _batches(loader: DataLoader):
 
 def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset, *, steps: int, batch_size: int,
                    lr: float, lr_decay_at: int, weight_decay: float, ema_decay: float, ema_warmup: int,
-                   grad_clip: float, num_workers: int, seed: int, device: torch.device,
+                   grad_clip: float, num_workers: int, seed: int, device: torch.device, pairs_per_trajectory: int = 16,
                    log: Log | None = None, log_every: int = 25, progress: bool = True) -> Shortcut:
     """Train the shortcut on stored trajectories (base frozen); return the EMA weights.
 
@@ -137,8 +137,8 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
     opt = torch.optim.AdamW(shortcut.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < lr_decay_at else 0.1)
     ema = EMA(shortcut, ema_decay, ema_warmup)
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(seed), persistent_workers=num_workers > 0)
+    sampler = TrajectoryBatchSampler(train_set, batch_size, pairs_per_trajectory, seed)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0)
     batches = _batches(loader)
     bar = tqdm(range(1, steps + 1), desc="shortcut", disable=not progress, leave=False)
     for update in bar:
@@ -172,7 +172,7 @@ def validate_shortcut(shortcut: Shortcut, base: MaskedBase, val_set: PairDataset
     shortcut.eval()
     steps = val_set.pairs_per_branch
     sums = torch.zeros(steps, 5, dtype=torch.float64)  # mse, reuse mse, cos, reuse cos, positions
-    loader = DataLoader(val_set, batch_size=batch_size)
+    loader = DataLoader(val_set, batch_size=batch_size)  # in order: consecutive pairs share a trajectory
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         pred, mask = shortcut_step(shortcut, base, batch["feature"], batch["tokens"], batch["order"], batch["step"])

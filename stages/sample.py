@@ -4,7 +4,8 @@
     python -m stages.sample --worker 0 --workers 2  # one shard of the grid, e.g. on one GPU worker
 
 Each configuration gets a folder data/samples/<name>/ with its tokens, images, a per-class grid and
-info.json (latency: warm-up dropped, median of repeats, per image, with and without the decoder).
+info.json. Latency is timed on the sampling itself, batch by batch at `sample.batch_size`: warm-up
+batches dropped, median of the rest, per image, with and without the decoder.
 Folders appear whole (written under a temporary name, then renamed) and carry a fingerprint of
 everything that made them (configuration, sampling rule, models): a rerun skips the folders that
 are already right, so a killed or sharded run resumes, and `dvc repro` after workers filled the
@@ -64,18 +65,23 @@ def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: flo
         return generate(base, rule, labels[ids.start : ids.stop].to(dev), list(ids), s.seed, budget=setting.budget,
                         source=feature_source(setting.sampler, base, shortcut), autocast_dtype=amp)
 
-    start, tokens = time.perf_counter(), []
-    for first in tqdm(range(0, s.num_samples, s.batch_size), desc=setting.name, leave=False):
-        tokens.append(sample(range(first, min(first + s.batch_size, s.num_samples))).tokens.cpu())
+    # The timed repeats are the sampling itself: batch after batch of the same size, the first
+    # `warmup_batches` untimed (their samples are kept all the same).
+    batches = iter(range(first, first + s.batch_size) for first in range(0, s.num_samples, s.batch_size))
+    tokens, bar = [], tqdm(total=s.num_samples, desc=setting.name, unit="img", leave=False)
+
+    def next_batch():
+        tokens.append(sample(next(batches)).tokens.cpu())
+        bar.update(s.batch_size)
+
+    start = time.perf_counter()
+    with fixed_threads(s.threads):
+        latency = measure_latency(next_batch, warmup=s.warmup_batches, repeats=s.num_samples // s.batch_size - s.warmup_batches,
+                                  batch_size=s.batch_size, device=dev)
     seconds = time.perf_counter() - start
+    bar.close()
     tokens = torch.cat(tokens)
     images = torch.cat([to_uint8(base.decode(t.to(dev))).cpu() for t in tokens.split(s.batch_size)])
-
-    lat = s.latency
-    batch = min(lat.batch_size, s.num_samples)
-    with fixed_threads(lat.threads):
-        latency = measure_latency(lambda: sample(range(batch)), warmup=lat.warmup, repeats=lat.repeats,
-                                  batch_size=batch, device=dev)
 
     folder = OUT / setting.name
     tmp = OUT / f".{setting.name}.tmp"
@@ -86,7 +92,7 @@ def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: flo
     info = {**setting.model_dump(), "name": setting.name, "num_samples": s.num_samples, "seconds": seconds,
             "base_calls": setting.budget, "feature_source_calls": setting.steps - setting.budget,
             "latency_ms": latency["median_ms_per_image"], "latency_p10_ms": latency["p10"],
-            "latency_p90_ms": latency["p90"], "latency_repeats": latency["repeats"], "latency_batch_size": batch,
+            "latency_p90_ms": latency["p90"], "latency_repeats": latency["repeats"], "latency_batch_size": s.batch_size,
             "latency_with_decoder_ms": latency["median_ms_per_image"] + decoder_ms, "device": str(dev),
             "fingerprint": fp}
     write_json(tmp / "info.json", info)
@@ -120,11 +126,9 @@ def main(argv=None) -> None:
     if not todo:
         return
     shortcut = load_shortcut(base.base_id).to(dev) if any(s.sampler == "shortcut" for s in todo) else None
-    lat = p.sample.latency
-    codes = torch.zeros(min(lat.batch_size, p.sample.num_samples), base.num_tokens, dtype=torch.long, device=dev)
-    with fixed_threads(lat.threads):
-        decoder = measure_latency(lambda: base.decode(codes), warmup=lat.warmup, repeats=lat.repeats,
-                                  batch_size=len(codes), device=dev)
+    codes = torch.zeros(p.sample.batch_size, base.num_tokens, dtype=torch.long, device=dev)
+    with fixed_threads(p.sample.threads):
+        decoder = measure_latency(lambda: base.decode(codes), warmup=1, repeats=3, batch_size=len(codes), device=dev)
     for setting in todo:
         info = run_setting(setting, p, base, shortcut, dev, decoder["median_ms_per_image"],
                            fingerprint(setting, p, base, shortcut_id))

@@ -42,6 +42,7 @@ def main() -> None:
     model = train_shortcut(Shortcut(spec), base, train_set, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
                            lr_decay_at=s.lr_decay_at, weight_decay=s.weight_decay, ema_decay=s.ema_decay,
                            ema_warmup=s.ema_warmup, grad_clip=s.grad_clip, num_workers=s.num_workers, seed=s.seed,
+                           pairs_per_trajectory=s.pairs_per_trajectory,
                            device=dev, log=lambda step, stats: history.append({"step": step, **stats}))
     per_step = validate_shortcut(model, base, val_set, device=dev)
     save_checkpoint(MODEL, model.state_dict(), {"kind": "shortcut", "spec": spec.to_dict(), "base_id": base.base_id,

@@ -1,0 +1,218 @@
+"""Typed params: the profiles load, and every bad value fails early with its key named."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from migm_shortcut.config import PROFILES_DIR, ConfigError, Params, load_params, parse_params, use_profile
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def smoke() -> dict:
+    return yaml.safe_load((PROFILES_DIR / "smoke.yaml").read_text())
+
+
+def changed(raw: dict, path: str, value) -> dict:
+    """A deep copy of `raw` with the dotted `path` (list indices as numbers) set to `value`."""
+    raw = copy.deepcopy(raw)
+    keys = [int(k) if k.isdigit() else k for k in path.split(".")]
+    node = raw
+    for k in keys[:-1]:
+        node = node[k]
+    node[keys[-1]] = value
+    return raw
+
+
+@pytest.mark.parametrize("name", ["default", "smoke"])
+def test_profiles_load(name):
+    p = load_params(PROFILES_DIR / f"{name}.yaml")
+    assert isinstance(p, Params)
+    assert p.num_tokens == 49  # 28 px, downsampling 4
+    assert p.sampling.steps in p.sample.vanilla_steps
+    assert p.sample.settings()  # a non-empty sampling grid
+    names = [s.name for s in p.sample.settings()]
+    assert len(names) == len(set(names))  # every configuration gets its own folder
+
+
+def test_smoke_profile_values(smoke):
+    p = parse_params(smoke)
+    assert p.sampling.steps == 8 and p.base.depth == 2
+    assert [(g.steps, g.budgets) for g in p.sample.shortcut] == [(8, [3, 4]), (12, [3])]
+    settings = {s.name for s in p.sample.settings()}
+    # baselines only at baseline_steps (8), at every shortcut budget there
+    assert {"reuse-N8-B3", "extrapolate-N8-B4", "shortcut-N12-B3", "vanilla-N4"} <= settings
+    assert "reuse-N12-B3" not in settings
+
+
+@pytest.mark.parametrize("path, value, key", [
+    ("base.dpth", 2, "base.dpth"),  # unknown key (typo)
+    ("tokenizer.codebok_size", 64, "tokenizer.codebok_size"),
+    ("base.depth", "two", "base.depth"),  # wrong type
+    ("sampling.cfg", [1.0], "sampling.cfg"),
+    ("extract.dtype", "bfloat16", "extract.dtype"),
+    ("sample.shortcut.0.budgets", ["x"], "sample.shortcut[0].budgets[0]"),
+    ("base.depth", 0, "base.depth"),  # out of range
+    ("base.label_dropout", 1.0, "base.label_dropout"),
+    ("shortcut.ema_decay", 1.5, "shortcut.ema_decay"),
+    ("sampling.steps", 1, "sampling.steps"),
+    ("sample.shortcut.1.budgets", [], "sample.shortcut[1].budgets"),
+])  # fmt: skip
+def test_field_errors_name_the_key(smoke, path, value, key):
+    with pytest.raises(ConfigError) as err:
+        parse_params(changed(smoke, path, value), "my.yaml")
+    message = str(err.value)
+    assert message.startswith("my.yaml: invalid configuration")
+    assert f"  {key}:" in message
+
+
+def test_unknown_section_is_rejected(smoke):
+    with pytest.raises(ConfigError, match="samplin"):
+        parse_params({**smoke, "samplin": {"steps": 8}})
+
+
+def test_missing_sample_section_is_rejected(smoke):
+    raw = {k: v for k, v in smoke.items() if k != "sample"}
+    with pytest.raises(ConfigError, match="sample"):
+        parse_params(raw)
+
+
+@pytest.mark.parametrize("path, value, key", [
+    # budget above the steps of its grid entry
+    ("sample.shortcut.0.budgets", [3, 9], "sample.shortcut[0].budgets"),
+    ("sample.shortcut.1.budgets", [0], "sample.shortcut[1].budgets"),
+    # more steps than the 49 image tokens of a 28 px image
+    ("sampling.steps", 50, "sampling.steps"),
+    ("sample.vanilla_steps", [4, 8, 50], "sample.vanilla_steps[2]"),
+    ("sample.shortcut.1.steps", 64, "sample.shortcut[1].steps"),
+    # the reference N must be sampled as vanilla too
+    ("sampling.steps", 6, "sample.vanilla_steps"),
+    # baselines only at the N of some shortcut entry
+    ("sample.baseline_steps", [8, 10], "sample.baseline_steps[1]"),
+    ("shortcut.unroll", 8, "shortcut.unroll"),
+    ("extract.batch_size", 3, "extract.batch_size"),
+])  # fmt: skip
+def test_impossible_combinations_name_the_key(smoke, path, value, key):
+    with pytest.raises(ConfigError) as err:
+        parse_params(changed(smoke, path, value))
+    assert key in str(err.value)
+
+
+def test_step_limit_follows_image_size(smoke):
+    # 32 px -> 8x8 = 64 tokens: 50 steps become possible
+    raw = changed(changed(smoke, "data.image_size", 32), "sampling.steps", 50)
+    raw = changed(raw, "sample.vanilla_steps", [8, 50])
+    assert parse_params(raw).num_tokens == 64
+    assert parse_params(changed(smoke, "sample.shortcut.1.steps", 49)).sample.shortcut[1].steps == 49  # N == L is allowed
+
+
+def test_params_are_frozen(smoke):
+    p = parse_params(smoke)
+    with pytest.raises(Exception):
+        p.base.depth = 3
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such params file"):
+        load_params(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("base: [1, 2\n", "not valid YAML"),
+    ("base:\n  depth: 2\n   width: 3\n", "not valid YAML"),
+    ("- a\n- b\n", "mapping"),
+    ("", "mapping"),
+])  # fmt: skip
+def test_unreadable_files(tmp_path, text, match):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match) as err:
+        load_params(path)
+    assert str(path) in str(err.value)
+
+
+def test_load_params_names_file_and_key(tmp_path, smoke):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(changed(smoke, "base.dpth", 2)))
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert str(path) in str(err.value) and "base.dpth" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["default", "smoke"])
+def test_use_profile_copies_byte_for_byte(tmp_path, name):
+    dest = tmp_path / "params.yaml"
+    dest.write_text("old: content\n")
+    assert use_profile(name, dest) == dest
+    assert dest.read_bytes() == (PROFILES_DIR / f"{name}.yaml").read_bytes()
+    load_params(dest)
+
+
+def test_use_profile_rejects_unknown_profile(tmp_path):
+    dest = tmp_path / "params.yaml"
+    with pytest.raises(ConfigError) as err:
+        use_profile("no-such-profile", dest)
+    message = str(err.value)
+    assert "no-such-profile" in message
+    assert "default" in message and "smoke" in message
+    assert not dest.exists()
+
+
+def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stages.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
+
+
+def test_cli_check_rejects_bad_file_naming_the_key(tmp_path, smoke):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(changed(smoke, "sample.shortcut.0.budgets", [3, 9])))
+    out = cli("check", str(bad))
+    assert out.returncode != 0
+    assert "sample.shortcut[0].budgets" in out.stderr
+    assert str(bad) in out.stderr
+
+
+def test_cli_check_accepts_profile_and_rejects_missing(tmp_path):
+    good = cli("check", str(PROFILES_DIR / "smoke.yaml"))
+    assert good.returncode == 0, good.stderr
+    assert "valid" in good.stdout
+    missing = cli("check", str(tmp_path / "none.yaml"))
+    assert missing.returncode != 0 and "none.yaml" in missing.stderr
+
+
+# Values that pass today's checks but fail later, inside a stage (after earlier stages did work).
+
+
+@pytest.mark.parametrize("path, value, key", [
+    # a vanilla run needs N >= 1: reveal_counts(0, L) raises only in the sample stage
+    ("sample.vanilla_steps", [0, 8], "sample.vanilla_steps[0]"),
+    ("sample.vanilla_steps", [-2, 8], "sample.vanilla_steps[0]"),
+    # the tokenizer downsamples by 4 and rejects other sizes when the tokenizer stage builds it
+    ("data.image_size", 30, "data.image_size"),
+    # Shortcut() rejects heads that do not divide base.width / bottleneck_ratio (64 / 2 = 32)
+    ("shortcut.heads", 3, "shortcut.heads"),
+])  # fmt: skip
+def test_values_that_fail_in_a_later_stage_are_rejected_early(smoke, path, value, key):
+    with pytest.raises(ConfigError) as err:
+        parse_params(changed(smoke, path, value))
+    assert key in str(err.value)
+
+
+@pytest.mark.parametrize("path, value", [
+    ("sample.vanilla_steps", [4, 8, 8]),
+    ("sample.baselines", ["reuse", "reuse"]),
+    ("sample.shortcut.0.budgets", [3, 3, 4]),
+])  # fmt: skip
+def test_duplicate_grid_entries_do_not_share_a_folder(smoke, path, value):
+    """Each setting's name is its output folder and MLflow run: duplicates must be rejected or merged."""
+    try:
+        p = parse_params(changed(smoke, path, value))
+    except ConfigError:
+        return
+    names = [s.name for s in p.sample.settings()]
+    assert len(names) == len(set(names)), f"duplicate configurations {sorted(n for n in set(names) if names.count(n) > 1)}"

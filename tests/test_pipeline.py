@@ -1,0 +1,114 @@
+"""The whole pipeline on the smoke profile through DVC, in a temporary copy of the repository."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from migm_shortcut.config import load_params
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MIGM_ROOT": str(cwd), "DVC_NO_ANALYTICS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MIGM_PIPELINE_RUN", None)
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and out.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A fresh clone-like copy (tracked and new files), switched to the smoke profile, after `dvc repro`."""
+    root = tmp_path_factory.mktemp("project")
+    files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], REPO).stdout.split()
+    for f in files:
+        if (REPO / f).is_file() and not f.startswith("data/"):
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, root / f)
+    run(["git", "init", "-q"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], root)
+    run([sys.executable, "-m", "stages.cli", "profile", "smoke"], root)
+    run(["dvc", "repro"], root)
+    return root
+
+
+def test_pipeline_produces_the_artifacts(project):
+    p = load_params(project / "params.yaml")
+    report = json.loads((project / "data/report/metrics.json").read_text())
+    for setting in p.sample.settings():
+        row = report[setting.name]
+        assert row["num_samples"] == p.sample.num_samples
+        assert row["fid"] > 0 and row["latency_ms"] > 0 and 0 <= row["class_accuracy"] <= 1
+        assert (project / "data/samples" / setting.name / "grid.png").is_file()
+    assert report["summary"]["noise_floor_fid"] >= 0
+    assert (project / "data/report/pareto.png").stat().st_size > 10_000
+    assert "| vanilla | 8 steps |" in (project / "data/report/report.md").read_text()
+    per_step = json.loads((project / "data/shortcut/val_per_step.json").read_text())
+    assert [r["step"] for r in per_step] == list(range(p.sampling.steps - 1))
+
+
+def test_second_repro_does_nothing_and_a_sample_key_reruns_only_sample_and_evaluate(project):
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], project).stdout
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    original = (project / "params.yaml").read_text()
+    try:
+        params["sample"]["seed"] += 1
+        (project / "params.yaml").write_text(yaml.safe_dump(params))
+        stale = json.loads(run(["dvc", "status", "--json"], project).stdout)
+        assert set(stale) == {"sample", "evaluate"}
+        params["sampling"]["cfg"] = 2.0
+        (project / "params.yaml").write_text(yaml.safe_dump(params))
+        stale = json.loads(run(["dvc", "status", "--json"], project).stdout)
+        assert set(stale) == {"extract", "train_shortcut", "sample", "evaluate"}
+    finally:
+        (project / "params.yaml").write_text(original)
+
+
+def test_mlflow_lists_every_configuration_with_budget_latency_and_fid(project):
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("migm-shortcut")
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, "all stages of one `dvc repro` share one parent run"
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert {"tokenizer", "classifier", "base", "extract", "shortcut", "evaluate"} <= set(children)
+    p = load_params(project / "params.yaml")
+    for setting in p.sample.settings():
+        run_ = children[setting.name]
+        assert run_.data.params["budget"] == str(setting.budget)
+        assert run_.data.params["steps"] == str(setting.steps)
+        assert run_.data.params["sampler"] == setting.sampler
+        assert run_.data.metrics["fid"] > 0 and run_.data.metrics["latency_ms"] > 0
+    assert "loss" in client.get_metric_history(children["shortcut"].info.run_id, "loss")[0].key
+    artifacts = {a.path for a in client.list_artifacts(children["shortcut"].info.run_id, "checkpoint")}
+    assert "checkpoint/model.safetensors" in artifacts
+
+
+def test_corrupt_sample_set_fails_clearly_and_loses_nothing(project):
+    victim = project / "data/samples/vanilla-N4/samples.npz"
+    saved = victim.read_bytes()
+    report_before = (project / "data/report/metrics.json").read_bytes()
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("migm-shortcut")
+    runs_before = len(client.search_runs([exp.experiment_id], max_results=500))
+    try:
+        victim.write_bytes(saved[: len(saved) // 2])
+        out = run([sys.executable, "-m", "stages.evaluate"], project, check=False)
+        assert out.returncode != 0
+        assert "vanilla-N4" in out.stderr and "corrupt" in out.stderr
+        assert (project / "data/report/metrics.json").read_bytes() == report_before
+        assert len(client.search_runs([exp.experiment_id], max_results=500)) == runs_before
+    finally:
+        victim.write_bytes(saved)

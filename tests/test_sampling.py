@@ -1,0 +1,256 @@
+"""The sampler loop and its feature sources (SPEC sections 3 and 6) on a tiny random base."""
+
+import pytest
+import torch
+from tiny_models import SHORTCUT_SPEC, make_base, make_shortcut, one_thread  # noqa: F401 (autouse fixture)
+
+from migm_shortcut.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from migm_shortcut.sampling import Extrapolate, FeatureSource, Learned, Reuse, SamplingRule, StepState, generate
+from migm_shortcut.schedules import refresh_steps, reveal_counts
+from migm_shortcut.shortcut import Shortcut, ShortcutSpec
+
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def base():
+    return make_base()
+
+
+@pytest.fixture(scope="module")
+def shortcut():
+    return make_shortcut()
+
+
+def labels(n: int) -> torch.Tensor:
+    return torch.arange(n) % 10
+
+
+def run(base, steps, ids=(0, 1, 2), seed=SEED, **kw):
+    return generate(base, SamplingRule(steps=steps, cfg=1.0, tau=4.5), labels(len(ids)), list(ids), seed, **kw)
+
+
+def sources(base, shortcut):
+    return {"shortcut": Learned(shortcut, base), "reuse": Reuse(), "extrapolate": Extrapolate()}
+
+
+# (a) B = N: every source is the vanilla sampler
+
+
+@pytest.mark.parametrize("kind", ["shortcut", "reuse", "extrapolate"])
+@pytest.mark.parametrize("steps", [4, 8])
+def test_full_budget_equals_vanilla(base, shortcut, kind, steps):
+    vanilla = run(base, steps, record=True)
+    full = run(base, steps, budget=steps, source=sources(base, shortcut)[kind], record=True)
+    assert torch.equal(full.tokens, vanilla.tokens)
+    assert torch.equal(full.order, vanilla.order)
+    assert torch.equal(full.features, vanilla.features)
+
+
+def test_vanilla_source_cannot_predict(base):
+    with pytest.raises(NotImplementedError, match="budget"):
+        run(base, 4, budget=2, source=FeatureSource())
+
+
+# (b) the base runs exactly B times, the shortcut N - B times, on the right steps
+
+
+class Calls:
+    """Counts base.features and shortcut calls and what each call saw."""
+
+    def __init__(self, base, shortcut, monkeypatch):
+        self.base_masked, self.shortcut_args, self.shortcut_out = [], [], []
+        features = base.features
+
+        def counted(tokens, cond):
+            self.base_masked.append((tokens == base.mask_id).sum(1).tolist())
+            return features(tokens, cond)
+
+        monkeypatch.setattr(base, "features", counted)
+        self.hook = shortcut.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, out):
+        self.shortcut_args.append([a.clone() for a in args])
+        self.shortcut_out.append(out.clone())
+
+
+@pytest.mark.parametrize("steps, budget", [(4, 1), (4, 2), (4, 3), (8, 3), (8, 5), (12, 3), (12, 12), (15, 7)])
+def test_base_and_shortcut_call_counts(base, shortcut, monkeypatch, steps, budget):
+    calls = Calls(base, shortcut, monkeypatch)
+    try:
+        out = run(base, steps, budget=budget, source=Learned(shortcut, base))
+    finally:
+        calls.hook.remove()
+    assert len(calls.base_masked) == budget
+    assert len(calls.shortcut_args) == steps - budget
+
+    # The base ran on the refresh steps: its input had exactly the tokens still masked at that step.
+    L, reveal = base.num_tokens, reveal_counts(steps, base.num_tokens)
+    masked_at = [L - sum(reveal[:i]) for i in range(steps)]
+    full = refresh_steps(steps, budget)
+    assert [m[0] for m in calls.base_masked] == [masked_at[s] for s in full]
+    assert all(len(set(m)) == 1 for m in calls.base_masked)  # every row of both branches alike
+
+    # The shortcut saw both branches, the tokens of the previous step as new tokens, and the mask
+    # ratio of the state it predicts (SPEC section 3/5: same convention as training).
+    shortcut_steps = [s for s in range(steps) if s not in full]
+    for s, (f, new_embed, new_mask, ratio) in zip(shortcut_steps, calls.shortcut_args):
+        assert f.shape == (6, base.seq_len, base.dim) and new_embed.shape == (6, L, base.dim)
+        assert new_mask.sum(1).tolist() == [reveal[s - 1]] * 6
+        torch.testing.assert_close(ratio, torch.full((6,), masked_at[s] / L))
+        # the new tokens are those the sampler committed at step s-1
+        assert torch.equal(new_mask[:3], out.order == s - 1) and torch.equal(new_mask[3:], out.order == s - 1)
+
+    # Chained shortcut steps: a shortcut step's input is the previous shortcut step's output.
+    for k in range(1, len(shortcut_steps)):
+        if shortcut_steps[k] == shortcut_steps[k - 1] + 1:
+            assert torch.equal(calls.shortcut_args[k][0], calls.shortcut_out[k - 1])
+
+
+@pytest.mark.parametrize("kind", ["reuse", "extrapolate"])
+def test_training_free_sources_call_base_b_times(base, shortcut, monkeypatch, kind):
+    calls = Calls(base, shortcut, monkeypatch)
+    try:
+        run(base, 8, budget=3, source=sources(base, shortcut)[kind])
+    finally:
+        calls.hook.remove()
+    assert len(calls.base_masked) == 3 and len(calls.shortcut_args) == 0
+
+
+# (c) determinism and batch independence
+
+
+@pytest.mark.parametrize("budget", [None, 3])
+def test_same_seed_same_samples(base, shortcut, budget):
+    src = (lambda: Learned(shortcut, base)) if budget else (lambda: None)
+    a = run(base, 6, budget=budget, source=src())
+    b = run(base, 6, budget=budget, source=src())
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.order, b.order)
+    c = run(base, 6, seed=SEED + 1, budget=budget, source=src())
+    assert not torch.equal(a.tokens, c.tokens)
+    assert not torch.equal(a.order, c.order)
+
+
+@pytest.mark.parametrize("budget", [None, 3])
+def test_sample_does_not_depend_on_its_batch(base, shortcut, budget):
+    src = (lambda: Learned(shortcut, base)) if budget else (lambda: None)
+    ids = list(range(6))
+    labels6 = labels(6)
+    rule = SamplingRule(steps=6, cfg=1.0, tau=4.5)
+    whole = generate(base, rule, labels6, ids, SEED, budget=budget, source=src())
+    first = generate(base, rule, labels6[:3], ids[:3], SEED, budget=budget, source=src())
+    second = generate(base, rule, labels6[3:], ids[3:], SEED, budget=budget, source=src())
+    assert torch.equal(whole.tokens, torch.cat([first.tokens, second.tokens]))
+    assert torch.equal(whole.order, torch.cat([first.order, second.order]))
+    # a lone sample, out of order, as well
+    single = generate(base, rule, labels6[4:5], [4], SEED, budget=budget, source=src())
+    assert torch.equal(single.tokens[0], whole.tokens[4])
+    # rows of one batch differ: samples are not copies of each other
+    assert len({tuple(t.tolist()) for t in whole.tokens}) == 6
+
+
+# (d) every position committed exactly once, on schedule
+
+
+@pytest.mark.parametrize("steps, budget, kind", [
+    (4, None, None), (8, None, None), (49, None, None), (8, 3, "shortcut"), (12, 3, "reuse"), (12, 5, "extrapolate"),
+])  # fmt: skip
+def test_every_position_committed_once_on_schedule(base, shortcut, steps, budget, kind):
+    source = sources(base, shortcut)[kind] if kind else None
+    out = run(base, steps, budget=budget, source=source)
+    L, K = base.num_tokens, base.codebook_size
+    assert out.tokens.shape == out.order.shape == (3, L)
+    assert out.order.min() >= 0 and out.order.max() < steps
+    expected = torch.tensor(reveal_counts(steps, L))
+    for row in out.order:
+        assert torch.equal(torch.bincount(row, minlength=steps), expected)
+    assert (out.tokens != base.mask_id).all()
+    assert out.tokens.min() >= 0 and out.tokens.max() < K
+
+
+# (e) recorded features are the base's features on the recorded states
+
+
+def test_recorded_features_match_base_on_reconstructed_states(base):
+    steps, n = 6, 3
+    out = run(base, steps, record=True)
+    L, S, D = base.num_tokens, base.seq_len, base.dim
+    assert out.features.shape == (n, 2, steps, S, D)
+    assert out.features.dtype == torch.float32
+    cond = labels(n)
+    # step 0: all masked
+    all_masked = torch.full((n, L), base.mask_id)
+    torch.testing.assert_close(out.features[:, 0, 0], base.features(all_masked, cond))
+    torch.testing.assert_close(out.features[:, 1, 0], base.features(all_masked, base.uncond(cond)))
+    # step i: the state holds the final tokens committed before i (order < i), masks elsewhere
+    for i in range(1, steps):
+        state = torch.where(out.order < i, out.tokens, base.mask_id)
+        both = base.features(torch.cat([state, state]), torch.cat([cond, base.uncond(cond)]))
+        torch.testing.assert_close(out.features[:, 0, i], both[:n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.features[:, 1, i], both[n:], rtol=1e-5, atol=1e-5)
+    # the branches are different inputs: cond and uncond features differ
+    assert not torch.allclose(out.features[:, 0], out.features[:, 1])
+
+
+def test_recorded_features_at_shortcut_steps_are_the_predictions(base, shortcut):
+    out = run(base, 6, budget=2, source=Learned(shortcut, base), record=True)
+    full = refresh_steps(6, 2)  # [0, 3]
+    reuse = run(base, 6, budget=2, source=Reuse(), record=True)
+    # step 1 is predicted from the same f_0 by both, and the shortcut's update is not zero
+    torch.testing.assert_close(reuse.features[:, :, 1], reuse.features[:, :, 0], rtol=0, atol=0)
+    assert not torch.allclose(out.features[:, :, 1], out.features[:, :, 0])
+    assert full == [0, 3]
+
+
+# (f) a shortcut has no dependence on N: save once, sample at other N
+
+
+@pytest.mark.parametrize("steps", [8, 12])
+def test_saved_shortcut_samples_at_other_steps(base, shortcut, tmp_path, steps):
+    path = save_checkpoint(tmp_path / "shortcut.safetensors", shortcut.state_dict(), shortcut.spec.to_dict())
+    state, config = load_checkpoint(path)
+    loaded = Shortcut(ShortcutSpec(**config)).eval()
+    load_state_strict(loaded, state, str(path))
+    assert config == {**ShortcutSpec(**SHORTCUT_SPEC).to_dict()}
+
+    ids = list(range(4))
+    learned = run(base, steps, ids=ids, budget=3, source=Learned(loaded, base))
+    original = run(base, steps, ids=ids, budget=3, source=Learned(shortcut, base))
+    reuse = run(base, steps, ids=ids, budget=3, source=Reuse())
+    assert torch.equal(learned.tokens, original.tokens)
+    assert not torch.equal(learned.tokens, reuse.tokens)
+    assert (learned.tokens != base.mask_id).all()
+
+
+# (g) first-order extrapolation
+
+
+def state_at(step: int, steps: int = 10) -> StepState:
+    z = torch.zeros(1)
+    return StepState(step, steps, prev_feature=z, tokens=z, new_mask=z, mask_ratio=z)
+
+
+def test_extrapolate_formula():
+    ex = Extrapolate()
+    f0, f1, f2 = torch.randn(3, 2, 5, 4).unbind(0)
+    ex.observe(0, f0)
+    assert torch.equal(ex.predict(state_at(1)), f0)  # one full step: reuse it
+    ex.observe(2, f1)
+    torch.testing.assert_close(ex.predict(state_at(3)), f1 + (f1 - f0) * (1 / 2))
+    torch.testing.assert_close(ex.predict(state_at(4)), f1 + (f1 - f0) * (2 / 2))
+    ex.observe(5, f2)  # keeps the last two full steps: (2, f1), (5, f2)
+    torch.testing.assert_close(ex.predict(state_at(6)), f2 + (f2 - f1) * (1 / 3))
+    torch.testing.assert_close(ex.predict(state_at(8)), f2 + (f2 - f1) * (3 / 3))
+
+
+def test_extrapolate_inside_the_sampler(base):
+    steps, budget = 8, 3
+    full = refresh_steps(steps, budget)
+    assert full == [0, 3, 5]
+    f = run(base, steps, budget=budget, source=Extrapolate(), record=True).features
+    # before the second full step: reuse f_0
+    assert torch.equal(f[:, :, 1], f[:, :, 0]) and torch.equal(f[:, :, 2], f[:, :, 0])
+    # after it: continue the difference of the last two full steps, scaled by the step gap
+    torch.testing.assert_close(f[:, :, 4], f[:, :, 3] + (f[:, :, 3] - f[:, :, 0]) / 3)
+    torch.testing.assert_close(f[:, :, 6], f[:, :, 5] + (f[:, :, 5] - f[:, :, 3]) / 2)
+    torch.testing.assert_close(f[:, :, 7], f[:, :, 5] + (f[:, :, 5] - f[:, :, 3]))

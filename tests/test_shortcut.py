@@ -1,0 +1,208 @@
+"""The shortcut model (SPEC section 4) and the small training helpers (EMA, finiteness, validation)."""
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import SHORTCUT_SPEC, make_base, make_shortcut, one_thread  # noqa: F401 (autouse fixture)
+
+from migm_shortcut.schedules import reveal_counts
+from migm_shortcut.shortcut import Shortcut, ShortcutSpec
+from migm_shortcut.store import PairDataset, TrajectoryStore
+from migm_shortcut.train import EMA, check_finite, validate_shortcut
+
+B, S, L, D = 3, 50, 49, 32  # tiny base: 7x7 image tokens + class slot, width 32
+ABLATIONS = [dict(), dict(cross_attention=False), dict(time_embedding=False),
+             dict(cross_attention=False, time_embedding=False)]  # fmt: skip
+
+
+def inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(B, S, D, generator=g)
+    new_embed = torch.randn(B, L, D, generator=g)
+    new_mask = torch.rand(B, L, generator=g) < 0.2
+    new_mask[:, 0] = True  # every row has at least one new token unless a test clears it
+    ratio = torch.tensor([0.9, 0.5, 0.1])
+    return f, new_embed, new_mask, ratio
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_untrained_shortcut_is_reuse(ablation):
+    shortcut = Shortcut(ShortcutSpec(**SHORTCUT_SPEC, **ablation)).eval()
+    f, new_embed, new_mask, ratio = inputs()
+    with torch.no_grad():
+        out = shortcut(f, new_embed, new_mask, ratio)
+    assert torch.equal(out, f)
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_output_shape_and_update(ablation):
+    shortcut = make_shortcut(**ablation)
+    f, new_embed, new_mask, ratio = inputs()
+    with torch.no_grad():
+        out = shortcut(f, new_embed, new_mask, ratio)
+    assert out.shape == (B, S, D) and out.dtype == f.dtype
+    assert torch.isfinite(out).all()
+    assert (out - f).abs().mean() > 1e-3  # a trained-like shortcut moves the feature
+
+
+def test_row_without_new_tokens_is_finite_and_ignores_embeddings():
+    shortcut = make_shortcut()
+    f, new_embed, new_mask, ratio = inputs()
+    new_mask[0] = False
+    with torch.no_grad():
+        out = shortcut(f, new_embed, new_mask, ratio)
+        other = shortcut(f, new_embed + torch.randn_like(new_embed), new_mask, ratio)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0], other[0], rtol=0, atol=1e-6)  # nothing new: embeddings unused
+    assert not torch.allclose(out[1], other[1])  # rows with new tokens do use them
+    # all rows empty (e.g. a batch of steps that committed nothing) is finite as well
+    with torch.no_grad():
+        empty = shortcut(f, new_embed, torch.zeros_like(new_mask), ratio)
+    assert torch.isfinite(empty).all()
+
+
+def test_cross_attention_sees_only_new_tokens():
+    shortcut = make_shortcut()
+    f, new_embed, new_mask, ratio = inputs()
+    noise = torch.randn_like(new_embed)
+    with torch.no_grad():
+        out = shortcut(f, new_embed, new_mask, ratio)
+        old_changed = shortcut(f, torch.where(new_mask[..., None], new_embed, noise), new_mask, ratio)
+        new_changed = shortcut(f, torch.where(new_mask[..., None], noise, new_embed), new_mask, ratio)
+    torch.testing.assert_close(out, old_changed, rtol=0, atol=1e-5)
+    assert not torch.allclose(out, new_changed)
+
+
+def test_samples_are_independent_of_their_batch():
+    shortcut = make_shortcut()
+    f, new_embed, new_mask, ratio = inputs()
+    with torch.no_grad():
+        whole = shortcut(f, new_embed, new_mask, ratio)
+        alone = shortcut(f[1:2], new_embed[1:2], new_mask[1:2], ratio[1:2])
+    torch.testing.assert_close(alone[0], whole[1], rtol=1e-5, atol=1e-5)
+
+
+def test_ablation_switches_remove_their_input():
+    f, new_embed, new_mask, ratio = inputs()
+    other_embed, other_mask, other_ratio = torch.randn_like(new_embed), torch.rand(B, L) < 0.5, ratio.flip(0)
+    full = make_shortcut()
+    no_cross = make_shortcut(cross_attention=False)
+    no_time = make_shortcut(time_embedding=False)
+    assert no_cross.down_new is None and all(b.cross is None for b in no_cross.blocks)
+    assert no_time.time is None
+    assert sum(p.numel() for p in no_cross.parameters()) < sum(p.numel() for p in full.parameters())
+    with torch.no_grad():
+        # no cross-attention: the new tokens do not matter
+        torch.testing.assert_close(no_cross(f, new_embed, new_mask, ratio), no_cross(f, other_embed, other_mask, ratio))
+        # no time embedding: the mask ratio does not matter
+        torch.testing.assert_close(no_time(f, new_embed, new_mask, ratio), no_time(f, new_embed, new_mask, other_ratio))
+        # the full model depends on both
+        base_out = full(f, new_embed, new_mask, ratio)
+        assert not torch.allclose(base_out, full(f, other_embed, new_mask, ratio))
+        assert not torch.allclose(base_out, full(f, new_embed, new_mask, other_ratio))
+
+
+def test_heads_must_divide_the_bottleneck():
+    with pytest.raises(ValueError, match="heads"):
+        Shortcut(ShortcutSpec(dim=32, bottleneck_ratio=2, heads=3))
+
+
+def test_untrained_shortcut_learns_from_the_start():
+    # zero output projection: the first gradient reaches it, so training can leave "reuse"
+    shortcut = Shortcut(ShortcutSpec(**SHORTCUT_SPEC)).train()
+    f, new_embed, new_mask, ratio = inputs()
+    target = f + torch.randn_like(f) * 0.1
+    (shortcut(f, new_embed, new_mask, ratio) - target).pow(2).mean().backward()
+    assert shortcut.up.weight.grad.abs().sum() > 0 and shortcut.up.bias.grad.abs().sum() > 0
+
+
+# EMA and finiteness
+
+
+def test_ema_copies_during_warmup_then_averages():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = EMA(model, decay=0.9, warmup=2)
+    assert ema.model is not model and not any(p.requires_grad for p in ema.model.parameters())
+    assert not ema.model.training
+
+    def perturb():
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model[1].num_batches_tracked += 3
+
+    for step in (1, 2):  # warm-up: a plain copy
+        perturb()
+        ema.update(model, step)
+        for a, b in zip(ema.model.state_dict().values(), model.state_dict().values()):
+            assert torch.equal(a, b)
+
+    before = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    perturb()
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    ema.update(model, 3)
+    for k, v in ema.model.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.9 * before[k] + 0.1 * live[k])
+            if not torch.equal(before[k], live[k]):
+                assert not torch.equal(v, live[k])
+        else:  # counters are copied, not averaged
+            assert torch.equal(v, live[k])
+    # the live model is untouched by the average
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, live[k])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_check_finite_raises(value):
+    with pytest.raises(FloatingPointError, match="update 17"):
+        check_finite(torch.tensor(value), 17, "shortcut")
+
+
+def test_check_finite_accepts_finite():
+    check_finite(torch.tensor(3.5), 1, "shortcut")
+    check_finite(torch.tensor(0.0), 1, "base")
+
+
+# validation on a tiny store
+
+
+def tiny_store(url: str, steps: int = 4, n: int = 4) -> dict:
+    rng = np.random.default_rng(0)
+    counts = reveal_counts(steps, L)
+    order = np.stack([rng.permutation(np.repeat(np.arange(steps), counts)) for _ in range(n)])
+    data = {
+        "features": np.cumsum(rng.normal(size=(n, 2, steps, S, D)), axis=2).astype(np.float32),
+        "tokens": rng.integers(0, 16, size=(n, L)),
+        "order": order,
+        "labels": np.arange(n) % 10,
+    }
+    store = TrajectoryStore.create_or_open(url, meta={"test": True}, num_samples=n, steps=steps, seq_len=S, dim=D,
+                                           num_tokens=L, dtype="float32", unit_size=2)
+    for unit in range(store.num_units):
+        rows = store.unit_range(unit)
+        store.write_unit(unit, **{k: v[rows.start : rows.stop] for k, v in data.items()})
+    return data
+
+
+def test_validate_untrained_shortcut_matches_reuse(tmp_path):
+    base = make_base()
+    data = tiny_store(str(tmp_path / "val.zarr"))
+    val_set = PairDataset(str(tmp_path / "val.zarr"))
+    rows = validate_shortcut(Shortcut(ShortcutSpec(**SHORTCUT_SPEC)), base, val_set, device=torch.device("cpu"),
+                             batch_size=5)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert r["mse_ratio"] == 1.0
+        assert r["mse"] == r["reuse_mse"] and r["cosine"] == r["reuse_cosine"]
+        # the reuse baseline, by hand: mean over positions still masked in state s+1, both branches
+        s = r["step"]
+        f = data["features"]
+        err = ((f[:, :, s] - f[:, :, s + 1]) ** 2).mean(-1)[:, :, 1:]  # [n, 2, L] image positions
+        keep = np.broadcast_to((data["order"] > s)[:, None], err.shape)
+        assert r["reuse_mse"] == pytest.approx(err[keep].mean(), rel=1e-5)
+
+    trained_like = validate_shortcut(make_shortcut(), base, val_set, device=torch.device("cpu"))
+    assert all(r["mse_ratio"] != 1.0 for r in trained_like)
+    assert [r["reuse_mse"] for r in trained_like] == pytest.approx([r["reuse_mse"] for r in rows])
