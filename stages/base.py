@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from migm_shortcut.bases import build_base, save_base
-from migm_shortcut.train import train_base
+from migm_shortcut.train_base import train_base
 
 from .common import DATA, device, log_stage, params, write_json
 from .tokenizer import CODES, load_tokenizer

@@ -5,7 +5,7 @@ from migm_shortcut.checkpoint import load_checkpoint, load_state_strict, save_ch
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec
 from migm_shortcut.store import PairDataset, TrajectoryStore
 from migm_shortcut.tracking import log_model_checkpoint
-from migm_shortcut.train import train_shortcut, validate_shortcut
+from migm_shortcut.train_shortcut import train_shortcut, validate_shortcut
 
 from .base import MODEL as BASE_MODEL
 from .common import DATA, device, log_stage, params, project_root, write_json

@@ -8,7 +8,7 @@ from tiny_models import make_base, make_shortcut, one_thread  # noqa: F401 (auto
 from migm_shortcut.extract import extract, labels_for, open_store
 from migm_shortcut.sampling import FeatureSource, Learned, SamplingRule, generate
 from migm_shortcut.store import PairDataset, TrajectoryStore, pair_masks
-from migm_shortcut.train import shortcut_step
+from migm_shortcut.train_shortcut import shortcut_step
 
 N, NUM, UNIT, SEED = 4, 6, 2, 3
 RULE = SamplingRule(steps=N, cfg=1.0, tau=4.5)

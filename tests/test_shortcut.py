@@ -8,7 +8,8 @@ from tiny_models import SHORTCUT_SPEC, make_base, make_shortcut, one_thread  # n
 from migm_shortcut.schedules import reveal_counts
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec
 from migm_shortcut.store import PairDataset, TrajectoryStore
-from migm_shortcut.train import EMA, check_finite, validate_shortcut
+from migm_shortcut.train_shortcut import validate_shortcut
+from migm_shortcut.training import EMA, check_finite
 
 B, S, L, D = 3, 50, 49, 32  # tiny base: 7x7 image tokens + class slot, width 32
 ABLATIONS = [dict(), dict(cross_attention=False), dict(time_embedding=False),

@@ -1,11 +1,4 @@
-"""Training loops for the base MaskGIT and the shortcut, sharing the small helpers they need.
-
-(The tokenizer and the domain classifier train in their own modules: each is one short loop.)
-"""
-
-import copy
-import math
-from collections.abc import Callable
+"""Shortcut training on stored trajectories, and its per-step validation against "reuse"."""
 
 import torch
 import torch.nn.functional as F
@@ -15,82 +8,7 @@ from tqdm import tqdm
 from .bases.contract import MaskedBase
 from .shortcut import Shortcut
 from .store import PairDataset, TrajectoryBatchSampler, pair_masks
-
-Log = Callable[[int, dict], None]
-
-
-class EMA:
-    """Exponential moving average of a model's weights, for the checkpoint.
-
-    The average starts after `warmup` updates (before that it copies the weights): early weights
-    are noise, and with a decay sized to the run (1 - 1/decay ~ a tenth of the updates) the average
-    then covers the part of training worth keeping.
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float, warmup: int):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.warmup = decay, warmup
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        decay = 0.0 if step <= self.warmup else self.decay
-        for ema, live in zip(self.model.state_dict().values(), model.state_dict().values()):
-            if ema.is_floating_point():
-                ema.lerp_(live, 1 - decay)
-            else:
-                ema.copy_(live)
-
-
-def check_finite(loss: torch.Tensor, step: int, what: str) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{what}: loss became {loss.item()} at update {step}; lower the lr or check the data")
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on GPU; plain fp32 on CPU (no bf16 matmul units on these CPUs)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def train_base(base, codes: torch.Tensor, labels: torch.Tensor, val_codes: torch.Tensor, val_labels: torch.Tensor, *,
-               steps: int, batch_size: int, lr: float, warmup: int, weight_decay: float, seed: int,
-               device: torch.device, log: Log | None = None, log_every: int = 25, progress: bool = True) -> dict:
-    """MaskGIT training: AdamW, linear warm-up then cosine decay. Returns final validation loss."""
-    gen = torch.Generator().manual_seed(seed)
-    params = [p for n, p in base.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
-    base.train()
-    base.tokenizer.eval()
-    bar = tqdm(range(1, steps + 1), desc="base", disable=not progress, leave=False)
-    for step in bar:
-        index = torch.randint(len(codes), (batch_size,), generator=gen)
-        with autocast(device):
-            loss = base.loss(codes[index].to(device), labels[index].to(device), generator=gen)
-        check_finite(loss, step, "base")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step % log_every == 0 or step == steps:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if log:
-                log(step, {"loss": loss.item(), "lr": sched.get_last_lr()[0]})
-    base.eval()
-    val = {"val_loss": base_val_loss(base, val_codes, val_labels, seed=seed, device=device)}
-    if log:
-        log(steps, val)
-    return val
-
-
-@torch.no_grad()
-def base_val_loss(base, codes: torch.Tensor, labels: torch.Tensor, *, seed: int, device: torch.device,
-                  batch_size: int = 500) -> float:
-    gen = torch.Generator().manual_seed(seed + 1)  # fixed masks: comparable across runs
-    losses = [base.loss(c.to(device), y.to(device), generator=gen).item() * len(c)
-              for c, y in zip(codes.split(batch_size), labels.split(batch_size))]
-    return sum(losses) / len(codes)
+from .training import EMA, Log, autocast, check_finite
 
 
 def _loss_mask(base: MaskedBase, next_masked: torch.Tensor) -> torch.Tensor:
