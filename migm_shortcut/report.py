@@ -41,7 +41,7 @@ def _fmt(v, spec: str) -> str:
 
 def markdown_table(rows: list[dict], noise_floor: float, reference_steps: int) -> str:
     head = ("| Method | Configuration | Latency (ms/img) | Speedup vs N=%d | Speedup vs same N | FID (95%% CI) | "
-            "KID x1e3 | Class acc. | Vanilla FID at same latency |\n|---|---|---|---|---|---|---|---|---|\n") % reference_steps
+            "KID | Class acc. (worst class) | Vanilla FID at same latency |\n|---|---|---|---|---|---|---|---|---|\n") % reference_steps
     lines = []
     for r in sorted(rows, key=lambda r: (r["sampler"] != "vanilla", r["sampler"], r["steps"], r["budget"])):
         config = f"{r['steps']} steps" + ("" if r["sampler"] == "vanilla" else f", B={r['budget']}")
@@ -49,7 +49,8 @@ def markdown_table(rows: list[dict], noise_floor: float, reference_steps: int) -
         lines.append(
             f"| {r['sampler']} | {config} | {r['latency_ms']:.2f} | {r['speedup_vs_reference']:.2f}x | "
             f"{_fmt(r['speedup_vs_same_steps'], '.2f')}{'x' if r['speedup_vs_same_steps'] else ''} | {r['fid']:.2f}{ci} | "
-            f"{r['kid_mean'] * 1e3:.2f} | {r['class_accuracy']:.1%} | {_fmt(r['matched_vanilla_fid'], '.2f')} |"
+            f"{r['kid_mean']:.3g} | {r['class_accuracy']:.1%} ({r['worst_class_accuracy']:.0%}) | "
+            f"{_fmt(r['matched_vanilla_fid'], '.2f')} |"
         )
     n = rows[0]["num_samples"]
     return (head + "\n".join(lines) + f"\n\n{n} samples per configuration; domain-feature FID. Noise floor "
