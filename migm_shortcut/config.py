@@ -151,7 +151,7 @@ class EvaluateConfig(Section):
     reference: Literal["test", "val", "train"] = "test"
     num_reference: int = Field(10000, ge=2)
     inception: bool = False  # the standard FID network: slow on a CPU, the protocol on a GPU
-    bootstrap: int = Field(200, ge=0)
+    bootstrap: int = Field(200, ge=2)  # resamples for the FID intervals
     kid_subset_size: int = Field(500, ge=2)
 
 

@@ -194,16 +194,9 @@ def _fid_to_reference(x: Tensor, x_sqrt_r: Tensor, mu_r: Tensor, trace_r: Tensor
     return (x.mean(0) - mu_r).square().sum() + trace_r + x.var(0).sum() - 2 * trace_sqrt
 
 
-def bootstrap_fid(real: Tensor, fake: Tensor, *, resamples: int, seed: int = 0) -> dict[str, float]:
-    """Bootstrap interval of FID over `resamples` resamplings of the fake rows with replacement.
-
-    The real statistics and the fake rows' projection are computed once. Resampling with
-    replacement duplicates rows, which inflates each resample's FID by about the small-sample
-    bias FID already carries (a synthetic test: resampled FIDs 2.7-3.0 around an estimate of
-    2.26), so plain percentiles can miss the estimate. The interval is therefore the 2.5 / 97.5
-    percentiles shifted by the resamples' mean bias (bias-corrected percentile bootstrap);
-    `fid_bootstrap_bias` reports that shift.
-    """
+def bootstrap_fids(real: Tensor, fake: Tensor, *, resamples: int, seed: int = 0) -> tuple[float, np.ndarray]:
+    """FID of `fake` and of `resamples` resamplings of its rows; the same seed and row count draw
+    the same row indices, which pairs the resamples of two sets whose row i belong together."""
     real = real.double()
     fake = fake.double().to(real.device)
     sigma_r = torch.cov(real.T)
@@ -217,12 +210,42 @@ def bootstrap_fid(real: Tensor, fake: Tensor, *, resamples: int, seed: int = 0) 
     for _ in range(resamples):
         idx = torch.randint(n, (n,), generator=gen).to(fake.device)
         values.append(float(_fid_to_reference(fake[idx], fake_sqrt_r[idx], mu_r, trace_r)))
-    fids = np.array(values)
+    return point, np.array(values)
+
+
+def paired_fid_difference(a: tuple[float, np.ndarray], b: tuple[float, np.ndarray]) -> dict[str, float]:
+    """FID(a) - FID(b) with a paired bootstrap interval (95%), from two `bootstrap_fids` results
+    drawn with the same seed over sets whose row i share class and sampling seed (our samplers
+    guarantee this): resampling the same rows of both cancels part of the sample noise."""
+    (point_a, fids_a), (point_b, fids_b) = a, b
+    if len(fids_a) != len(fids_b):
+        raise ValueError(f"paired bootstraps differ in resamples: {len(fids_a)} vs {len(fids_b)}")
+    diffs, point = fids_a - fids_b, point_a - point_b
+    bias = float(diffs.mean()) - point
+    return {"fid_difference": point, "ci_low": float(np.percentile(diffs, 2.5)) - bias,
+            "ci_high": float(np.percentile(diffs, 97.5)) - bias}
+
+
+def bootstrap_fid(real: Tensor, fake: Tensor, *, resamples: int, seed: int = 0) -> dict[str, float]:
+    """Bootstrap interval of FID over `resamples` resamplings of the fake rows with replacement.
+
+    The real statistics and the fake rows' projection are computed once. Resampling with
+    replacement duplicates rows, which inflates each resample's FID by about the small-sample
+    bias FID already carries (a synthetic test: resampled FIDs 2.7-3.0 around an estimate of
+    2.26), so plain percentiles can miss the estimate. The interval is therefore the 2.5 / 97.5
+    percentiles shifted by the resamples' mean bias (bias-corrected percentile bootstrap);
+    `fid_bootstrap_bias` reports that shift.
+    """
+    return fid_interval(*bootstrap_fids(real, fake, resamples=resamples, seed=seed))
+
+
+def fid_interval(point: float, fids: np.ndarray) -> dict[str, float]:
+    """Bias-corrected 95% percentile interval from `bootstrap_fids` (see `bootstrap_fid`)."""
     bias = float(fids.mean()) - point
     return {
         "fid_ci_low": float(np.percentile(fids, 2.5)) - bias,
         "fid_ci_high": float(np.percentile(fids, 97.5)) - bias,
-        "fid_std": float(fids.std(ddof=1)) if resamples > 1 else 0.0,
+        "fid_std": float(fids.std(ddof=1)) if len(fids) > 1 else 0.0,
         "fid_bootstrap_bias": bias,
     }
 

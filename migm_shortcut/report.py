@@ -35,13 +35,31 @@ def add_comparisons(rows: list[dict], reference_steps: int) -> list[dict]:
     return rows
 
 
+def slowest_beaten_vanilla(rows: list[dict], row: dict) -> dict | None:
+    """The fastest vanilla configuration that is still slower than `row` (None for vanilla rows or
+    when every vanilla configuration is faster): the point `row` must beat on FID to dominate it."""
+    if row["sampler"] == "vanilla":
+        return None
+    slower = [r for r in rows if r["sampler"] == "vanilla" and r["latency_ms"] >= row["latency_ms"]]
+    return min(slower, key=lambda r: r["latency_ms"]) if slower else None
+
+
 def _fmt(v, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _dominance(r: dict) -> str:
+    if "faster_than" not in r:
+        return "–"
+    mark = " **better**" if r["dominates_slower_vanilla"] else ""
+    return (f"{r['fid_minus_slower_vanilla']:+.2f} ({r['fid_minus_slower_vanilla_ci_low']:+.2f} to "
+            f"{r['fid_minus_slower_vanilla_ci_high']:+.2f}) vs {r['faster_than']}{mark}")
+
+
 def markdown_table(rows: list[dict], noise_floor: float, reference_steps: int) -> str:
     head = ("| Method | Configuration | Latency (ms/img) | Speedup vs N=%d | Speedup vs same N | FID (95%% CI) | "
-            "KID | Class acc. (worst class) | Vanilla FID at same latency |\n|---|---|---|---|---|---|---|---|---|\n") % reference_steps
+            "KID | Class acc. (worst class) | Vanilla FID at same latency | FID minus the next slower vanilla (paired 95%% CI) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n") % reference_steps
     lines = []
     for r in sorted(rows, key=lambda r: (r["sampler"] != "vanilla", r["sampler"], r["steps"], r["budget"])):
         config = f"{r['steps']} steps" + ("" if r["sampler"] == "vanilla" else f", B={r['budget']}")
@@ -50,7 +68,7 @@ def markdown_table(rows: list[dict], noise_floor: float, reference_steps: int) -
             f"| {r['sampler']} | {config} | {r['latency_ms']:.2f} | {r['speedup_vs_reference']:.2f}x | "
             f"{_fmt(r['speedup_vs_same_steps'], '.2f')}{'x' if r['speedup_vs_same_steps'] else ''} | {r['fid']:.2f}{ci} | "
             f"{r['kid_mean']:.3g} | {r['class_accuracy']:.1%} ({r['worst_class_accuracy']:.0%}) | "
-            f"{_fmt(r['matched_vanilla_fid'], '.2f')} |"
+            f"{_fmt(r['matched_vanilla_fid'], '.2f')} | {_dominance(r)} |"
         )
     n = rows[0]["num_samples"]
     return (head + "\n".join(lines) + f"\n\n{n} samples per configuration; domain-feature FID. Noise floor "

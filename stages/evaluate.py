@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from migm_shortcut.data import to_float
-from migm_shortcut.metrics import ClassifierFeatures, InceptionFeatures, compute_metrics, extract_features, fid, noise_floor
-from migm_shortcut.report import add_comparisons, markdown_table, pareto_plot
+from migm_shortcut.metrics import (ClassifierFeatures, InceptionFeatures, bootstrap_fids, compute_metrics,
+                                   extract_features, fid, fid_interval, noise_floor, paired_fid_difference)
+from migm_shortcut.report import add_comparisons, markdown_table, pareto_plot, slowest_beaten_vanilla
 
 from .classifier import load_classifier
 from .common import DATA, device, log_stage, params, write_json
@@ -54,7 +55,7 @@ def main() -> None:
     real_feats = {k: extract_features(f, real.images, batch_size=250, device=dev) for k, f in embed.items()}
     floor = noise_floor(real_feats[""])
 
-    rows = []
+    rows, bootstraps = [], {}
     for name, (info, arrays) in sets.items():
         logits = extract_features(lambda x: classifier(to_float(x)), arrays["images"], batch_size=250, device=dev)
         row = dict(info)
@@ -64,12 +65,20 @@ def main() -> None:
                 row[f"{prefix}fid"] = fid(real_feats[prefix], feats)
                 continue
             row |= compute_metrics(real_feats[prefix], feats, fake_logits=logits, labels=arrays["labels"],
-                                   kid_subset_size=min(e.kid_subset_size, len(feats), len(real.images)),
-                                   bootstrap=e.bootstrap)
+                                   kid_subset_size=min(e.kid_subset_size, len(feats), len(real.images)))
+            # Same seed for every set: the resamples of two sets are paired (see paired_fid_difference).
+            bootstraps[name] = bootstrap_fids(real_feats[prefix], feats, resamples=e.bootstrap)
+            row |= fid_interval(*bootstraps[name])
         correct = logits.argmax(1) == arrays["labels"]
         row["worst_class_accuracy"] = min(correct[arrays["labels"] == c].float().mean().item() for c in arrays["labels"].unique())
         rows.append(row)
     rows = add_comparisons(rows, p.sampling.steps)
+    for row in rows:  # paired test against the vanilla point this configuration is faster than
+        if (other := slowest_beaten_vanilla(rows, row)) is not None:
+            diff = paired_fid_difference(bootstraps[row["name"]], bootstraps[other["name"]])
+            row |= {"faster_than": other["name"], "fid_minus_slower_vanilla": diff["fid_difference"],
+                    "fid_minus_slower_vanilla_ci_low": diff["ci_low"], "fid_minus_slower_vanilla_ci_high": diff["ci_high"],
+                    "dominates_slower_vanilla": diff["ci_high"] < 0}
 
     OUT.mkdir(parents=True, exist_ok=True)
     pareto_plot(rows, OUT / "pareto.png", f"{p.data.dataset}: FID vs latency ({p.sample.num_samples} samples each)")

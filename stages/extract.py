@@ -8,7 +8,6 @@ Run `--create-only` once before starting several workers; each then fills its ow
 
 import argparse
 import shutil
-import time
 
 from migm_shortcut.bases import load_base
 from migm_shortcut.extract import extract, open_store, store_bytes
@@ -50,10 +49,13 @@ def main(argv=None) -> None:
     if not store.is_complete():
         print(f"extract: worker {args.worker} done; other workers' units are still pending")
         return
+    if stats["samples_written"] == 0 and METRICS.is_file():
+        print("extract: store complete; nothing to write (metrics of the run that wrote it kept)")
+        return
     size = store_bytes(STORE)
     metrics = {"num_samples": store.num_samples, "store_megabytes": size / 2**20, **stats,
                "write_megabytes_per_second": size / 2**20 * stats["samples_written"] / store.num_samples / stats["seconds"]
-               if stats["samples_written"] else 0.0, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+               if stats["samples_written"] else 0.0, "workers": args.workers}
     write_json(METRICS, metrics)
     log_stage(p, "extract", params=p.extract.model_dump(), metrics=metrics)
     print(f"extract: {store.num_samples} trajectories, {metrics['store_megabytes']:.0f} MB, "

@@ -151,3 +151,16 @@ def test_classifier_features_wrapper():
     x = torch.rand(3, 1, 4, 4)
     assert torch.equal(metrics.ClassifierFeatures(Classifier())(x), x.flatten(1)[:, :4])
     assert metrics.extract_features(metrics.ClassifierFeatures(Classifier()), x, batch_size=2, device="cpu").shape == (3, 4)
+
+
+def test_paired_fid_difference_is_zero_for_a_set_against_itself_and_detects_a_worse_set():
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(2000, 8, generator=gen)
+    good = torch.randn(500, 8, generator=gen)
+    worse = good + 0.5  # the same rows, shifted: clearly farther from the real distribution
+    a = metrics.bootstrap_fids(real, good, resamples=50, seed=3)
+    same = metrics.paired_fid_difference(a, metrics.bootstrap_fids(real, good, resamples=50, seed=3))
+    assert same == {"fid_difference": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    diff = metrics.paired_fid_difference(metrics.bootstrap_fids(real, worse, resamples=50, seed=3), a)
+    assert diff["ci_low"] > 0 and diff["ci_low"] < diff["fid_difference"] < diff["ci_high"]
+    assert abs(diff["fid_difference"] - (metrics.fid(real, worse) - metrics.fid(real, good))) < 0.05
