@@ -89,7 +89,7 @@ def test_artifacts_travel_through_a_local_dvc_remote(project, tmp_path):
     worker = tmp_path / "worker"
     # The worker's checkout: git-tracked files (dvc.lock, metrics JSON) but no cache and no artifacts.
     shutil.copytree(project, worker, ignore=shutil.ignore_patterns("cache", "tmp", "mlruns.db*", ".migm"))
-    for artifact in ("trajectories.zarr", "samples", "base", "shortcut/model.safetensors", "dataset/splits.npz"):
+    for artifact in ("trajectories.zarr", "samples", "base/model.safetensors", "shortcut/model.safetensors", "dataset/splits.npz"):
         path = worker / "data" / artifact
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     run(["dvc", "pull", "-r", "shared"], worker)
