@@ -16,10 +16,6 @@ for _key, _value in {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "f
     os.environ.setdefault(_key, _value)
 
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MIGM_ROOT": str(cwd), "DVC_NO_ANALYTICS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -52,8 +48,6 @@ def project(tmp_path_factory) -> Path:
     return root
 
 
-
-
 @pytest.fixture(scope="session")
 def flow_project(project, tmp_path_factory) -> Path:
     """The DVC run's project with its trajectories and samples deleted, then completed by the Prefect
@@ -67,7 +61,8 @@ def flow_project(project, tmp_path_factory) -> Path:
     from flows.pipeline import pipeline
 
     root = tmp_path_factory.mktemp("flow") / "project"
-    shutil.copytree(project, root, ignore=shutil.ignore_patterns("cache", "tmp", "mlruns.db*", ".migm"))
+    # Keep .dvc/cache: DVC reruns a stage whose outputs are "not in cache", which would retrain the base.
+    shutil.copytree(project, root, ignore=shutil.ignore_patterns("tmp", "mlruns.db*", ".migm"))
     for artifact in ("trajectories.zarr", "samples"):
         shutil.rmtree(root / "data" / artifact)
     with pytest.MonkeyPatch.context() as mp:

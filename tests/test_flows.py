@@ -19,6 +19,9 @@ from conftest import BIN, run
 
 
 def test_flow_with_two_workers_reproduces_the_one_worker_dvc_run(project, flow_project):
+    for upstream in ("tokenizer", "base"):  # the flow must reuse DVC's cached stages, not retrain them
+        assert (project / f"data/{upstream}/model.safetensors").read_bytes() == \
+            (flow_project / f"data/{upstream}/model.safetensors").read_bytes(), f"the flow retrained the {upstream}"
     one, two = (zarr.open_group(str(p / "data/trajectories.zarr"), mode="r") for p in (project, flow_project))
     for name in ("tokens", "order", "labels", "features", "unit_done"):
         np.testing.assert_array_equal(one[name][:], two[name][:], err_msg=name)
