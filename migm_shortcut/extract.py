@@ -1,6 +1,7 @@
 """Trajectory extraction: run the vanilla sampler and record every step's features into Zarr.
 
-Sample i is generated for class i mod C with its own seeded generator, so the store's content does
+Sample i is generated for class i mod C (or, for a text-to-image base, prompt i of the given padded
+prompt ids) with its own seeded generator, so the store's content does
 not depend on how the work is split. The store is cut into units (whole shards); a worker takes the
 units `worker, worker + W, ...` that are not yet marked done, and marks each one only after all of
 its samples are written: a killed run redoes at most the unit it was in.
@@ -22,18 +23,23 @@ def labels_for(indices: range, num_classes: int) -> torch.Tensor:
 
 
 def open_store(url: str, base: MaskedBase, rule: SamplingRule, *, num_samples: int, dtype: str, unit_size: int,
-               seed: int, num_classes: int) -> TrajectoryStore:
-    """Create the store or reopen it to resume; create it once before starting parallel workers."""
+               seed: int, num_classes: int, prompt_len: int | None = None) -> TrajectoryStore:
+    """Create the store or reopen it to resume; create it once before starting parallel workers.
+
+    prompt_len: store prompts of that many (padded) token ids as conditions instead of class ids."""
     meta = {"base_id": base.base_id, "rule": vars(rule), "seed": seed, "num_classes": num_classes}
     return TrajectoryStore.create_or_open(
         url, meta=meta, num_samples=num_samples, steps=rule.steps, seq_len=base.seq_len, dim=base.dim,
-        num_tokens=base.num_tokens, dtype=dtype, unit_size=unit_size,
+        num_tokens=base.num_tokens, dtype=dtype, unit_size=unit_size, cond_len=prompt_len,
     )  # fmt: skip
 
 
 def extract(store: TrajectoryStore, base: MaskedBase, rule: SamplingRule, *, batch_size: int, worker: int = 0,
-            num_workers: int = 1, device: torch.device = torch.device("cpu"), progress: bool = True) -> dict:
-    """Fill this worker's pending units; return what was done and how fast."""
+            num_workers: int = 1, device: torch.device = torch.device("cpu"), progress: bool = True,
+            prompts: torch.Tensor | None = None) -> dict:
+    """Fill this worker's pending units; return what was done and how fast.
+
+    prompts [num_samples, P]: the padded prompt ids of a text-to-image base (sample i gets row i)."""
     seed, num_classes = store.meta["seed"], store.meta["num_classes"]
     units = store.pending_units(worker, num_workers)
     todo = sum(len(store.unit_range(u)) for u in units)
@@ -43,7 +49,7 @@ def extract(store: TrajectoryStore, base: MaskedBase, rule: SamplingRule, *, bat
         samples = store.unit_range(unit)
         for first in range(samples.start, samples.stop, batch_size):
             ids = range(first, min(first + batch_size, samples.stop))
-            labels = labels_for(ids, num_classes)
+            labels = labels_for(ids, num_classes) if prompts is None else prompts[ids.start : ids.stop]
             out = generate(base, rule, labels.to(device), list(ids), seed, record=True)
             store.write_batch(first, out.features.numpy(), out.tokens.cpu(), out.order.cpu(), labels)
             bar.update(len(ids))
@@ -52,6 +58,13 @@ def extract(store: TrajectoryStore, base: MaskedBase, rule: SamplingRule, *, bat
     seconds = time.perf_counter() - start
     return {"samples_written": todo, "units_written": len(units), "seconds": seconds,
             "samples_per_second": todo / seconds if todo else 0.0}
+
+
+def merge_stats(parts: list[dict]) -> dict:
+    """The stats of workers that ran side by side (e.g. torchrun ranks): work adds up, time is the slowest's."""
+    written, seconds = sum(s["samples_written"] for s in parts), max(s["seconds"] for s in parts)
+    return {"samples_written": written, "units_written": sum(s["units_written"] for s in parts), "seconds": seconds,
+            "samples_per_second": written / seconds if written else 0.0}
 
 
 def store_bytes(path: str | Path) -> int:

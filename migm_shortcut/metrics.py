@@ -338,3 +338,47 @@ def measure_latency(
         "std": float(t.std(ddof=1)) if repeats > 1 else 0.0,
         "repeats": repeats,
     }
+
+
+def clip_score(images: Tensor, prompts: list[str], clip_dir: str | Path, *, batch_size: int = 64,
+               device: torch.device | str = "cpu") -> float:
+    """Mean CLIPScore (torchmetrics: 100 x cosine of CLIP image and text embeddings, floored at 0)
+    of images [N, C, H, W] in [0, 1] against their prompts, with CLIP read from a local folder
+    (`CLIPModel.save_pretrained` + `CLIPProcessor.save_pretrained`, e.g. openai/clip-vit-large-patch14)."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    clip_dir = Path(clip_dir)
+    if not (clip_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{clip_dir}: no CLIP model here; save one with CLIPModel/CLIPProcessor.save_pretrained "
+                                "(the paper uses openai/clip-vit-large-patch14)")
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    # torchmetrics resolves only hub names itself; a callable hands it the local model.
+    clip = _ClipEmbeddings(CLIPModel.from_pretrained(clip_dir).eval())
+    metric = CLIPScore(model_name_or_path=lambda: (clip, CLIPProcessor.from_pretrained(clip_dir)))
+    metric = metric.to(device)
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].clamp(0, 1)
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        metric.update((x * 255).round().to(torch.uint8).to(device), prompts[i : i + batch_size])  # CLIP's processor rescales 0..255
+    return float(metric.compute())
+
+
+class _ClipEmbeddings(nn.Module):
+    """CLIP as torchmetrics 1.9 calls it: transformers 5 returns output objects from
+    `get_*_features` (the projected embedding is their `pooler_output`); torchmetrics wants tensors."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.clip, self.config = clip, clip.config
+
+    @staticmethod
+    def _tensor(out) -> Tensor:
+        return out if isinstance(out, Tensor) else out.pooler_output
+
+    def get_image_features(self, pixel_values: Tensor) -> Tensor:
+        return self._tensor(self.clip.get_image_features(pixel_values=pixel_values))
+
+    def get_text_features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self._tensor(self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask))

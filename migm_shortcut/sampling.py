@@ -16,15 +16,23 @@ from dataclasses import dataclass
 import torch
 
 from .bases.contract import MaskedBase
-from .schedules import cfg_weight, noise_scale, refresh_steps, reveal_counts
+from .schedules import REVEAL, cfg_weight, noise_scale, refresh_steps
 
 
 @dataclass(frozen=True)
 class SamplingRule:
+    """MaskGIT's rule by default; Lumina-DiMOO's (SPEC 9) is schedule="cosine", ramp=False, tau=1."""
+
     steps: int
     cfg: float = 1.0
     tau: float = 4.5
     temperature: float = 1.0
+    schedule: str = "arccos"  # a key of schedules.REVEAL
+    ramp: bool = True  # CFG weight ramps up from 0 and confidence noise anneals to 0; False: both constant
+
+    def __post_init__(self):
+        if self.schedule not in REVEAL:
+            raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(REVEAL)}")
 
 
 @dataclass
@@ -37,6 +45,7 @@ class StepState:
     tokens: torch.Tensor  # current tokens, both branches [2B, L] (mask_id where masked)
     new_mask: torch.Tensor  # positions committed at the previous step [2B, L]
     mask_ratio: torch.Tensor  # fraction of image tokens still masked in the current state [2B]
+    cond: torch.Tensor | None = None  # conditions of both branches [2B, ...] (cond, then uncond)
 
 
 class FeatureSource:
@@ -89,7 +98,9 @@ class Learned(FeatureSource):
 
     def predict(self, state: StepState) -> torch.Tensor:
         new_embed = self.base.embed_tokens(state.tokens)
-        return self.shortcut(state.prev_feature, new_embed, state.new_mask, state.mask_ratio).to(state.prev_feature.dtype)
+        context = None if state.cond is None else self.base.shortcut_context(state.cond)
+        f = self.shortcut(state.prev_feature, new_embed, state.new_mask, state.mask_ratio, context=context)
+        return f.to(state.prev_feature.dtype)
 
 
 @dataclass
@@ -112,7 +123,7 @@ def generate(base: MaskedBase, rule: SamplingRule, cond: torch.Tensor, sample_id
     B, dev = len(cond), cond.device
     full = set(refresh_steps(N, budget or N))
     source = source or FeatureSource()
-    reveal = reveal_counts(N, L)
+    reveal = REVEAL[rule.schedule](N, L)
     gens = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in sample_ids]
 
     tokens = torch.full((B, L), base.mask_id, dtype=torch.long, device=dev)
@@ -131,17 +142,18 @@ def generate(base: MaskedBase, rule: SamplingRule, cond: torch.Tensor, sample_id
                 source.observe(i, f)
             else:
                 ratio = masked.float().mean(1).repeat(2)
-                f = source.predict(StepState(i, N, f, tokens2, new_mask, ratio))
+                f = source.predict(StepState(i, N, f, tokens2, new_mask, ratio, both))
             logits = base.head(f).float()
         if record:
             recorded.append(f.to("cpu", torch.float32))
 
         c, u = logits.chunk(2)
-        w = cfg_weight(rule.cfg, i, N)
+        w = cfg_weight(rule.cfg, i, N) if rule.ramp else rule.cfg
+        tau = noise_scale(rule.tau, i, N) if rule.ramp else rule.tau
         logp = torch.log_softmax(((1 + w) * c - w * u) / rule.temperature, dim=-1)
         noise = torch.stack([torch.rand(L, K + 1, generator=g) for g in gens]).to(dev)
         drawn = (logp + _gumbel(noise[..., :K])).argmax(-1)  # Gumbel-max = one categorical draw
-        conf = logp.gather(-1, drawn[..., None])[..., 0] + noise_scale(rule.tau, i, N) * _gumbel(noise[..., K])
+        conf = logp.gather(-1, drawn[..., None])[..., 0] + tau * _gumbel(noise[..., K])
         conf = conf.masked_fill(~masked, -torch.inf)
         chosen = torch.zeros_like(masked).scatter_(1, conf.topk(reveal[i], dim=1).indices, True)
         tokens = torch.where(chosen, drawn, tokens)

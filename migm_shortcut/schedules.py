@@ -1,6 +1,7 @@
 """Pure functions that decide *when* things happen, apart from any model (like diffusers' schedulers).
 
-- `reveal_counts`: how many tokens the MaskGIT arccos schedule commits at each step.
+- `reveal_counts`: how many tokens the MaskGIT arccos schedule commits at each step;
+  `cosine_reveal_counts`: the same for Lumina-DiMOO's cosine schedule (`REVEAL` names both).
 - `refresh_steps`: which steps of an N-step run call the base model (the refresh budget B).
 - `cfg_weight`, `noise_scale`: the per-step ramps of the sampling rule.
 """
@@ -29,6 +30,22 @@ def reveal_counts(steps: int, num_tokens: int) -> list[int]:
         left -= n
     counts.append(left)
     return counts
+
+
+def cosine_reveal_counts(steps: int, num_tokens: int) -> list[int]:
+    """Tokens committed at each step by Lumina-DiMOO's cosine schedule (SPEC section 9).
+
+    After step s, floor(L cos(pi/2 (s+1)/N)) positions stay masked, at least one until the last
+    step, none after it. A step may commit nothing when L is small against N (the floor repeats).
+    """
+    if not 1 <= steps <= num_tokens:
+        raise ValueError(f"steps must be in [1, {num_tokens}] (one token per step at least), got {steps}")
+    masked = [max(1, math.floor(num_tokens * math.cos(math.pi / 2 * (s + 1) / steps))) for s in range(steps - 1)]
+    masked.append(0)
+    return [before - after for before, after in zip([num_tokens] + masked, masked)]
+
+
+REVEAL = {"arccos": reveal_counts, "cosine": cosine_reveal_counts}
 
 
 def refresh_steps(steps: int, budget: int) -> list[int]:

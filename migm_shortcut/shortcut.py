@@ -1,4 +1,4 @@
-"""The MIGM-Shortcut model (SPEC section 4, MaskGIT variant).
+"""The MIGM-Shortcut model (SPEC section 4): the MaskGIT variant, and the DiMOO variant.
 
     f_next = f + Out(adaLN_t(Block(Down(f), Down'(embed(new tokens)))))
 
@@ -10,6 +10,11 @@ training learns only the feature's change over the step.
 
 The frozen base embeddings of the new tokens are computed by the caller (`base.embed_tokens`): the
 shortcut never holds the base's tables, so they are neither trained nor saved twice.
+
+The DiMOO variant (`ShortcutSpec(variant="dimoo")`, SPEC sections 4 and 9) has LLaDA-style blocks
+(RMSNorm, rotary attention without biases, SwiGLU) and needs a `ShortcutContext` from the base:
+the rotary positions of the feature sequence, and the prompt tokens, which join the new tokens as
+cross-attention keys in the conditional branch.
 """
 
 import math
@@ -28,22 +33,62 @@ class ShortcutSpec:
     heads: int = 4
     cross_attention: bool = True
     time_embedding: bool = True
+    variant: str = "maskgit"  # or "dimoo": LLaDA-style blocks with rotary positions (needs a ShortcutContext)
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown shortcut variant {self.variant!r}; known: {', '.join(VARIANTS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+VARIANTS = ("maskgit", "dimoo")
+
+
+@dataclass
+class ShortcutContext:
+    """What a rotary base (DiMOO) adds to the shortcut's inputs, row by row (B rows of features).
+
+    The prompt tokens are cross-attention keys beside the new tokens (the reference shortcut sees
+    the whole prefix before the image in the conditional branch only: `prompt_valid` is False for
+    the unconditional rows and for padding).
+    """
+
+    positions: torch.Tensor  # [B, S] rotary position of each feature position
+    valid: torch.Tensor  # [B, S] False at prompt padding: no key for self-attention, no loss
+    image_index: torch.Tensor  # [L] index of each image token in the feature sequence
+    prompt: torch.Tensor  # [B, P, D] frozen base embeddings of the prompt tokens
+    prompt_index: torch.Tensor  # [P] their indices in the feature sequence
+    prompt_valid: torch.Tensor  # [B, P]
+    rope_theta: float
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (rotate-half layout, as LLaDA): x [B, h, T, d], positions [B, T]."""
+    d = x.shape[-1]
+    inv_freq = theta ** -(torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    angles = positions.float()[:, None, :, None] * inv_freq
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return (x.float() * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
+
+
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, bias: bool = True):
         super().__init__()
         self.heads = heads
-        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim, bias), nn.Linear(dim, 2 * dim, bias), nn.Linear(dim, dim, bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+        """rope: (query positions [B, S], key positions [B, T], theta) for rotary attention."""
         B, S, D = x.shape
         h = self.heads
         q = self.q(x).view(B, S, h, D // h).transpose(1, 2)
         k, v = self.kv(context).view(B, -1, 2, h, D // h).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = rotate(q, rope[0], rope[2]), rotate(k, rope[1], rope[2])
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
@@ -52,23 +97,50 @@ def ffn(dim: int) -> nn.Module:
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
 
-class ShortcutBlock(nn.Module):
-    """Pre-norm residual: [cross-attention to new tokens, FFN,] self-attention, FFN."""
+class SwiGLU(nn.Module):
+    """LLaDA's pre-norm FFN. Hidden 6x the width: the reference keeps the base's 12288 at width 2048."""
 
-    def __init__(self, dim: int, heads: int, cross_attention: bool):
+    def __init__(self, dim: int):
         super().__init__()
-        self.cross = nn.ModuleDict(dict(norm=nn.LayerNorm(dim), attn=Attention(dim, heads), ffn=ffn(dim))) if cross_attention else None
-        self.self_norm, self.self_attn, self.ffn = nn.LayerNorm(dim), Attention(dim, heads), ffn(dim)
+        self.norm = nn.RMSNorm(dim, eps=1e-5)
+        self.gate, self.up, self.down = nn.Linear(dim, 6 * dim, False), nn.Linear(dim, 6 * dim, False), nn.Linear(6 * dim, dim, False)
 
-    def forward(self, x: torch.Tensor, new: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class ShortcutBlock(nn.Module):
+    """Pre-norm residual: [cross-attention to new tokens, FFN,] self-attention, FFN.
+
+    llada (the DiMOO variant): RMSNorm, SwiGLU, no biases, rotary attention; as in the reference,
+    the cross-attention norm also normalises the keys (they are raw token embeddings there).
+    """
+
+    def __init__(self, dim: int, heads: int, cross_attention: bool, llada: bool = False):
+        super().__init__()
+        norm = (lambda: nn.RMSNorm(dim, eps=1e-5)) if llada else (lambda: nn.LayerNorm(dim))
+        make_ffn = SwiGLU if llada else ffn
+        self.llada = llada
+        self.cross = nn.ModuleDict(dict(norm=norm(), attn=Attention(dim, heads, not llada), ffn=make_ffn(dim))) if cross_attention else None
+        self.self_norm, self.self_attn, self.ffn = norm(), Attention(dim, heads, not llada), make_ffn(dim)
+
+    def forward(self, x: torch.Tensor, new: torch.Tensor, new_mask: torch.Tensor,
+                context: ShortcutContext | None = None, key_positions: torch.Tensor | None = None) -> torch.Tensor:
+        cross_rope = self_rope = self_mask = None
+        if context is not None:
+            cross_rope = (context.positions, key_positions, context.rope_theta)
+            self_rope = (context.positions, context.positions, context.rope_theta)
+            self_mask = context.valid[:, None, None, :]
         if self.cross is not None:
             # A row with no new token would attend to nothing (NaN): let it see all and zero the result.
             has_new = new_mask.any(1)
             keys = (new_mask | ~has_new[:, None])[:, None, None, :]
-            x = x + self.cross.attn(self.cross.norm(x), new, keys) * has_new[:, None, None].to(x.dtype)
+            kv = self.cross.norm(new) if self.llada else new
+            x = x + self.cross.attn(self.cross.norm(x), kv, keys, cross_rope) * has_new[:, None, None].to(x.dtype)
             x = x + self.cross.ffn(x)
         h = self.self_norm(x)
-        x = x + self.self_attn(h, h)
+        x = x + self.self_attn(h, h, self_mask, self_rope)
         return x + self.ffn(x)
 
 
@@ -86,10 +158,12 @@ class Shortcut(nn.Module):
         D, d = spec.dim, spec.dim // spec.bottleneck_ratio
         if d % spec.heads:
             raise ValueError(f"shortcut.heads={spec.heads} must divide the bottleneck width {d}")
+        llada = spec.variant == "dimoo"
         self.down = nn.Linear(D, d)
         self.down_new = nn.Linear(D, d) if spec.cross_attention else None
-        self.blocks = nn.ModuleList(ShortcutBlock(d, spec.heads, spec.cross_attention) for _ in range(spec.blocks))
-        self.norm = nn.LayerNorm(d, elementwise_affine=not spec.time_embedding)
+        self.blocks = nn.ModuleList(ShortcutBlock(d, spec.heads, spec.cross_attention, llada) for _ in range(spec.blocks))
+        norm = nn.RMSNorm(d, eps=1e-5, elementwise_affine=not spec.time_embedding) if llada else None
+        self.norm = norm or nn.LayerNorm(d, elementwise_affine=not spec.time_embedding)
         self.time = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, 2 * d)) if spec.time_embedding else None
         self.up = nn.Linear(d, D)
         nn.init.zeros_(self.up.weight)
@@ -98,13 +172,24 @@ class Shortcut(nn.Module):
             nn.init.zeros_(self.time[-1].weight)
             nn.init.zeros_(self.time[-1].bias)
 
-    def forward(self, f: torch.Tensor, new_embed: torch.Tensor, new_mask: torch.Tensor, mask_ratio: torch.Tensor) -> torch.Tensor:
+    def forward(self, f: torch.Tensor, new_embed: torch.Tensor, new_mask: torch.Tensor, mask_ratio: torch.Tensor,
+                context: ShortcutContext | None = None) -> torch.Tensor:
         """f [B, S, D]; new_embed [B, L, D] (base embedding of the current tokens); new_mask [B, L]
-        marks the tokens committed at the previous step; mask_ratio [B] of the state predicted."""
+        marks the tokens committed at the previous step; mask_ratio [B] of the state predicted;
+        context: required by the DiMOO variant, refused by the MaskGIT one."""
+        if (context is not None) != (self.spec.variant == "dimoo"):
+            raise ValueError(f"shortcut variant {self.spec.variant!r} "
+                             f"{'needs' if context is None else 'takes no'} base context (rotary positions, prompt)")
         x = self.down(f)
         new = self.down_new(new_embed) if self.down_new is not None else None
+        key_positions = None
+        if context is not None:  # keys = prompt tokens, then the image tokens, at their own positions
+            if new is not None:
+                new = torch.cat([self.down_new(context.prompt.to(new_embed.dtype)), new], 1)
+            new_mask = torch.cat([context.prompt_valid, new_mask], 1)
+            key_positions = context.positions[:, torch.cat([context.prompt_index, context.image_index])]
         for block in self.blocks:
-            x = block(x, new, new_mask)
+            x = block(x, new, new_mask, context, key_positions)
         x = self.norm(x)
         if self.time is not None:
             scale, shift = self.time(timestep_embedding(1000 * mask_ratio)).chunk(2, dim=-1)

@@ -9,6 +9,7 @@ Layout (one root group; URL: a local path, `file://...`, `memory://...`, any fss
     tokens      [num_samples, L] int32, final image tokens     shard = one work unit, chunk = 1 sample
     order       [num_samples, L] int16, step that committed each position (-1: never masked); idem
     labels      [num_samples] int64, class id                  chunk = one work unit
+                or [num_samples, P] int64, padded prompt token ids (text-to-image bases; shapes.cond_len = P)
     unit_done   [num_units] uint8, chunk = 1: a unit's completion flag, set after its data
 
 A work unit is `unit_size` consecutive samples. Every chunk or shard of every array belongs to exactly
@@ -88,7 +89,7 @@ class TrajectoryStore:
         self.features = group["features"].with_config({"write_empty_chunks": True})
         self.tokens = group["tokens"]
         self.order = group["order"]
-        self.labels = group["labels"]
+        self.labels = group["labels"]  # the condition: class ids [n], or prompt ids [n, P]
         self._done = group["unit_done"]
 
     @classmethod
@@ -104,12 +105,14 @@ class TrajectoryStore:
         num_tokens: int,
         dtype: str = "float16",
         unit_size: int = 256,
+        cond_len: int | None = None,
     ) -> "TrajectoryStore":
         """Create the store, or reopen it to resume if it holds the same meta, shapes and layout.
 
         Raises ValueError naming the first differing key (e.g. `meta.base_hash`, `shapes.steps`)
         when an existing store differs: data is never deleted here. Create the store once (e.g. in
         the launcher) before starting concurrent writers; creation itself is not safe to race.
+        cond_len: store conditions of P prompt token ids instead of one class id per sample.
         """
         if dtype not in DTYPES:
             raise ValueError(
@@ -118,7 +121,8 @@ class TrajectoryStore:
             )
         wanted = {
             "meta": json.loads(json.dumps(meta)),  # compare as stored: tuples become lists, etc.
-            "shapes": dict(zip(_SHAPE_KEYS, (num_samples, steps, seq_len, dim, num_tokens))),
+            "shapes": dict(zip(_SHAPE_KEYS, (num_samples, steps, seq_len, dim, num_tokens)))
+            | ({"cond_len": cond_len} if cond_len is not None else {}),  # class-label stores keep their layout
             "dtype": dtype,
             "unit_size": unit_size,
         }
@@ -149,7 +153,8 @@ class TrajectoryStore:
                 name, shape=(n, length), dtype=dtype, chunks=(1, length), shards=(unit, length),
                 compressors=_COMPRESSOR,
             )  # fmt: skip
-        group.create_array("labels", shape=(n,), dtype="int64", chunks=(unit,), compressors=_COMPRESSOR)
+        cond = (shapes["cond_len"],) if "cond_len" in shapes else ()
+        group.create_array("labels", shape=(n, *cond), dtype="int64", chunks=(unit, *cond), compressors=_COMPRESSOR)
         group.create_array("unit_done", shape=(math.ceil(n / unit),), dtype="uint8", chunks=(1,), fill_value=0)
         # Attributes last: a store without schema_version is one whose creation did not finish.
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -181,7 +186,8 @@ class TrajectoryStore:
 
         One writer per unit: a unit's tokens/order shard is read, merged and rewritten per batch.
 
-        features [B, 2, N, S, D], tokens [B, L], order [B, L], labels [B]; numpy arrays or tensors.
+        features [B, 2, N, S, D], tokens [B, L], order [B, L], labels [B] (or prompts [B, P]); numpy
+        arrays or tensors.
         """
         features = _plain(features).astype(self.dtype)
         count = len(features)
@@ -197,7 +203,7 @@ class TrajectoryStore:
             self.features[rows] = features
         self.tokens[rows] = _plain(tokens).astype("int32").reshape(count, self.num_tokens)
         self.order[rows] = _plain(order).astype("int16").reshape(count, self.num_tokens)
-        self.labels[rows] = _plain(labels).astype("int64").reshape(count)
+        self.labels[rows] = _plain(labels).astype("int64").reshape(count, *self.labels.shape[1:])
 
     def mark_done(self, unit: int) -> None:
         """Record a unit as complete; call only after all of its samples are written."""
@@ -216,14 +222,15 @@ class TrajectoryStore:
         return bool(self._done[:].all())
 
     def read(self, index: int) -> dict[str, Any]:
-        """One trajectory: features [2, N, S, D] (stored dtype), tokens [L], order [L], labels (int)."""
+        """One trajectory: features [2, N, S, D] (stored dtype), tokens [L], order [L], labels (an int,
+        or the prompt ids [P])."""
         with zarr.config.set(_WHOLE_SHARDS):
             features = self.features[index]
         return {
             "features": features,
             "tokens": self.tokens[index],
             "order": self.order[index],
-            "labels": int(self.labels[index]),
+            "labels": int(self.labels[index]) if self.labels.ndim == 1 else self.labels[index],
         }
 
 
@@ -246,7 +253,7 @@ class PairDataset(torch.utils.data.Dataset):
     """Training items (sample, branch, s) for s = 0..N-1-unroll, streamed from a store.
 
     Item: feature f_s [S, D] float32, targets f_{s+1..s+unroll} [unroll, S, D] float32, tokens [L],
-    order [L], step s and branch (all long). Features stream: each item reads only steps
+    order [L], cond (the stored condition: class id, or prompt ids [P]), step s and branch (all long). Features stream: each item reads only steps
     s..s+unroll of one branch, through a store opened lazily in each DataLoader worker. Tokens and
     order of the chosen samples (6 bytes per image position against 4*N*D bytes of fp16 features)
     are read once here: every zarr read costs about 1-2 ms of CPU however small it is.
@@ -266,6 +273,7 @@ class PairDataset(torch.utils.data.Dataset):
             raise ValueError(f"units {missing} of {url} are not complete")
         self.tokens = store.tokens.get_orthogonal_selection((self.indices, slice(None)))
         self.order = store.order.get_orthogonal_selection((self.indices, slice(None)))
+        self.cond = store.labels.get_orthogonal_selection((self.indices, *[slice(None)] * (store.labels.ndim - 1)))
         self._store: TrajectoryStore | None = None  # opened per process, see __getitems__
         self._pid = os.getpid()
 
@@ -320,6 +328,7 @@ class PairDataset(torch.utils.data.Dataset):
                 "targets": window[1:],
                 "tokens": torch.from_numpy(self.tokens[sample]).long(),
                 "order": torch.from_numpy(self.order[sample]).long(),
+                "cond": torch.as_tensor(self.cond[sample]).long(),
                 "step": torch.tensor(step),
                 "branch": torch.tensor(branch),
             })  # fmt: skip
@@ -333,13 +342,20 @@ class TrajectoryBatchSampler(torch.utils.data.Sampler):
     batch_size / pairs_per_trajectory trajectories, visiting trajectories in a fresh random order
     every epoch. Reading is then a few whole-trajectory reads per batch instead of one read per
     pair, which is what makes streaming from the store fast enough to train on.
+
+    Data-parallel: every rank draws the same global batches (same seed) and takes its contiguous
+    slice `rank` of `world_size` of each, so the global batch, not the per-rank one, is batch_size.
     """
 
-    def __init__(self, dataset: PairDataset, batch_size: int, pairs_per_trajectory: int, seed: int = 0) -> None:
+    def __init__(self, dataset: PairDataset, batch_size: int, pairs_per_trajectory: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size <= batch_size:
+            raise ValueError(f"need 0 <= rank={rank} < world_size={world_size} <= batch_size={batch_size}")
         self.pairs = 2 * dataset.pairs_per_branch
         self.per = min(pairs_per_trajectory, self.pairs, batch_size)
         self.num_samples, self.batch_size = len(dataset.indices), batch_size
         self.generator = torch.Generator().manual_seed(seed)
+        self.part = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
 
     def __len__(self) -> int:
         return self.num_samples // -(-self.batch_size // self.per)
@@ -352,4 +368,4 @@ class TrajectoryBatchSampler(torch.utils.data.Sampler):
             for sample in order[first : first + per_batch]:
                 picks = torch.randperm(self.pairs, generator=self.generator)[: self.per]
                 items += (sample * self.pairs + picks).tolist()
-            yield items[: self.batch_size]
+            yield items[: self.batch_size][self.part]

@@ -2,9 +2,11 @@
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import distributed
 from .bases.contract import MaskedBase
 from .shortcut import Shortcut
 from .store import PairDataset, TrajectoryBatchSampler, pair_masks
@@ -18,20 +20,32 @@ def _loss_mask(base: MaskedBase, next_masked: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def shortcut_step(shortcut: Shortcut, base: MaskedBase, feature, tokens, order, step):
+def branch_cond(base: MaskedBase, batch: dict) -> torch.Tensor:
+    """Each item's condition as its CFG branch saw it: the stored one, or its unconditional form."""
+    cond = batch["cond"]
+    keep = (batch["branch"] == 0).view(-1, *[1] * (cond.ndim - 1))
+    return torch.where(keep, cond, base.uncond(cond))
+
+
+def shortcut_step(shortcut: Shortcut, base: MaskedBase, feature, tokens, order, step, cond=None):
     """One shortcut prediction of f_{step+1} from f_step, as the sampler makes it.
 
-    Returns the prediction and the loss mask (positions still masked in state step+1)."""
+    cond: each item's branch condition (`branch_cond`), for bases that give the shortcut a context.
+    Returns the prediction and the loss mask: positions still masked in state step+1 (MaskGIT), or
+    every real position for context bases (DiMOO, SPEC section 9; prompt padding excluded)."""
     new_mask, next_masked, next_ratio = pair_masks(order, step)
+    context = None if cond is None else base.shortcut_context(cond)
     # In the sampler the current tokens hold the committed ids at new positions; the true final
     # tokens hold the same ids there, so the embedding the shortcut sees is identical.
-    pred = shortcut(feature, base.embed_tokens(tokens), new_mask, next_ratio)
-    return pred, _loss_mask(base, next_masked)
+    pred = shortcut(feature, base.embed_tokens(tokens), new_mask, next_ratio, context=context)
+    return pred, _loss_mask(base, next_masked) if context is None else context.valid
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+               count: torch.Tensor | None = None) -> torch.Tensor:
+    """The squared error summed over `mask`'s positions, divided by `count` (default: their number)."""
     err = (pred.float() - target.float()).pow(2).mean(-1)
-    return (err * mask).sum() / mask.sum().clamp(min=1)
+    return (err * mask).sum() / (mask.sum() if count is None else count).clamp(min=1)
 
 
 def _batches(loader: DataLoader):
@@ -48,24 +62,36 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
     With `train_set.unroll` = k > 1 each example chains k shortcut steps from a true f_s, feeding
     the model its own predictions and the true tokens, with the loss on every step: the model
     learns to correct the drift it meets when shortcut steps chain at inference.
+
+    Data-parallel when torch.distributed is initialised (`distributed.setup`): each rank trains on
+    its slice of every global batch of `batch_size`, as one process would up to float rounding,
+    and every rank returns the same EMA weights.
     """
     torch.manual_seed(seed)
     base.requires_grad_(False)
     shortcut.to(device).train()
+    world = distributed.world_size()
+    # DDP copies rank 0's weights to every rank here, and averages the ranks' gradients in backward.
+    model = shortcut if world == 1 else DistributedDataParallel(
+        shortcut, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(shortcut.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < lr_decay_at else 0.1)
     ema = EMA(shortcut, ema_decay, ema_warmup)
-    sampler = TrajectoryBatchSampler(train_set, batch_size, pairs_per_trajectory, seed)
+    sampler = TrajectoryBatchSampler(train_set, batch_size, pairs_per_trajectory, seed, distributed.rank(), world)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0)
     batches = _batches(loader)
-    bar = tqdm(range(1, steps + 1), desc="shortcut", disable=not progress, leave=False)
+    bar = tqdm(range(1, steps + 1), desc="shortcut", disable=not progress or not distributed.is_main(), leave=False)
     for update in bar:
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
         x, loss = batch["feature"], 0.0
         with autocast(device):
             for j in range(train_set.unroll):
-                x, mask = shortcut_step(shortcut, base, x, batch["tokens"], batch["order"], batch["step"] + j)
-                loss = loss + masked_mse(x, batch["targets"][:, j], mask) / train_set.unroll
+                x, mask = shortcut_step(model, base, x, batch["tokens"], batch["order"], batch["step"] + j,
+                                        branch_cond(base, batch))
+                # The global batch's mean: this rank's error sum over all ranks' positions, times
+                # the world size that DDP's gradient average divides by again.
+                count = distributed.all_sum(mask.sum())
+                loss = loss + masked_mse(x, batch["targets"][:, j], mask, count) * world / train_set.unroll
         check_finite(loss, update, "shortcut")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -74,9 +100,10 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
         sched.step()
         ema.update(shortcut, update)
         if update % log_every == 0 or update == steps:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            global_loss = distributed.all_sum(loss).item() / world  # every rank takes part
+            bar.set_postfix(loss=f"{global_loss:.4f}")
             if log:
-                log(update, {"loss": loss.item(), "lr": sched.get_last_lr()[0]})
+                log(update, {"loss": global_loss, "lr": sched.get_last_lr()[0]})
     return ema.model
 
 
@@ -93,7 +120,8 @@ def validate_shortcut(shortcut: Shortcut, base: MaskedBase, val_set: PairDataset
     loader = DataLoader(val_set, batch_size=batch_size)  # in order: consecutive pairs share a trajectory
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        pred, mask = shortcut_step(shortcut, base, batch["feature"], batch["tokens"], batch["order"], batch["step"])
+        pred, mask = shortcut_step(shortcut, base, batch["feature"], batch["tokens"], batch["order"], batch["step"],
+                                   branch_cond(base, batch))
         target = batch["targets"][:, 0]
         rows = [
             (pred - target).pow(2).mean(-1), (batch["feature"] - target).pow(2).mean(-1),

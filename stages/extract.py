@@ -2,15 +2,18 @@
 
     python -m stages.extract                         # all units (what `dvc repro` runs)
     python -m stages.extract --worker 1 --workers 2  # one of two workers filling the same store
+    torchrun --nproc_per_node 8 -m stages.extract    # 8 ranks = 8 workers, one device each
 
-Run `--create-only` once before starting several workers; each then fills its own units.
+Run `--create-only` once before starting several workers; each then fills its own units. Under
+torchrun rank 0 creates the store, each rank is one worker, and rank 0 writes the metrics.
 """
 
 import argparse
 import shutil
 
+from migm_shortcut import distributed
 from migm_shortcut.bases import load_base
-from migm_shortcut.extract import extract, open_store, store_bytes
+from migm_shortcut.extract import extract, merge_stats, open_store, store_bytes
 
 from .base import MODEL as BASE_MODEL
 from .common import DATA, device, sampling_rule, log_stage, params, write_json
@@ -39,13 +42,21 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not 0 <= args.worker < args.workers:
         parser.error(f"--worker must be in [0, --workers={args.workers})")
-    p, dev = params(), device()
+    p, dev = params(), distributed.setup() or device()
+    if distributed.world_size() > 1:
+        if args.workers != 1:
+            parser.error("under torchrun the ranks are the workers: drop --worker/--workers")
+        args.worker, args.workers = distributed.rank(), distributed.world_size()
     base = load_base(BASE_MODEL, dev)
-    store = prepare_store(p, base)
+    with distributed.main_first():  # creating a store is not safe to race
+        store = prepare_store(p, base)
     if args.create_only:
         return
     stats = extract(store, base, sampling_rule(p), batch_size=p.extract.batch_size, worker=args.worker,
                     num_workers=args.workers, device=dev)
+    stats = merge_stats(distributed.gather(stats))  # waits for every rank: then all units are written
+    if not distributed.is_main():
+        return
     if not store.is_complete():
         print(f"extract: worker {args.worker} done; other workers' units are still pending")
         return

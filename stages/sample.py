@@ -74,6 +74,8 @@ def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: flo
         tokens.append(sample(next(batches)).tokens.cpu())
         bar.update(s.batch_size)
 
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     start = time.perf_counter()
     with fixed_threads(s.threads):
         latency = measure_latency(next_batch, warmup=s.warmup_batches, repeats=s.num_samples // s.batch_size - s.warmup_batches,
@@ -94,6 +96,7 @@ def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: flo
             "latency_ms": latency["median_ms_per_image"], "latency_p10_ms": latency["p10"],
             "latency_p90_ms": latency["p90"], "latency_repeats": latency["repeats"], "latency_batch_size": s.batch_size,
             "latency_with_decoder_ms": latency["median_ms_per_image"] + decoder_ms, "device": str(dev),
+            "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
             "fingerprint": fp}
     write_json(tmp / "info.json", info)
     shutil.rmtree(folder, ignore_errors=True)

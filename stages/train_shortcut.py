@@ -1,5 +1,14 @@
-"""Stage `train_shortcut`: train the shortcut on the stored trajectories, validate it per step."""
+"""Stage `train_shortcut`: train the shortcut on the stored trajectories, validate it per step.
 
+    python -m stages.train_shortcut                          # what `dvc repro` runs
+    torchrun --nproc_per_node 8 -m stages.train_shortcut     # data-parallel, same global batch
+
+Under torchrun rank 0 alone validates, saves the checkpoint and logs.
+"""
+
+import torch
+
+from migm_shortcut import distributed
 from migm_shortcut.bases import load_base
 from migm_shortcut.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec
@@ -26,7 +35,7 @@ def load_shortcut(base_id: str | None = None) -> Shortcut:
 
 
 def main() -> None:
-    p, dev = params(), device()
+    p, dev = params(), distributed.setup() or device()
     s = p.shortcut
     base = load_base(BASE_MODEL, dev)
     store = TrajectoryStore.open(str(STORE))
@@ -39,11 +48,14 @@ def main() -> None:
     spec = ShortcutSpec(dim=base.dim, bottleneck_ratio=s.bottleneck_ratio, blocks=s.blocks, heads=s.heads,
                         cross_attention=s.cross_attention, time_embedding=s.time_embedding)
     history = []
+    torch.manual_seed(s.seed)  # the same initial weights in every run, on every rank
     model = train_shortcut(Shortcut(spec), base, train_set, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
                            lr_decay_at=s.lr_decay_at, weight_decay=s.weight_decay, ema_decay=s.ema_decay,
                            ema_warmup=s.ema_warmup, grad_clip=s.grad_clip, num_workers=s.num_workers, seed=s.seed,
                            pairs_per_trajectory=s.pairs_per_trajectory,
                            device=dev, log=lambda step, stats: history.append({"step": step, **stats}))
+    if not distributed.is_main():
+        return
     per_step = validate_shortcut(model, base, val_set, device=dev)
     save_checkpoint(MODEL, model.state_dict(), {"kind": "shortcut", "spec": spec.to_dict(), "base_id": base.base_id,
                                                 "trained_on_steps": store.steps, "updates": s.steps})

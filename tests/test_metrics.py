@@ -1,5 +1,7 @@
 import importlib.metadata
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
@@ -164,3 +166,43 @@ def test_paired_fid_difference_is_zero_for_a_set_against_itself_and_detects_a_wo
     diff = metrics.paired_fid_difference(metrics.bootstrap_fids(real, worse, resamples=50, seed=3), a)
     assert diff["ci_low"] > 0 and diff["ci_low"] < diff["fid_difference"] < diff["ci_high"]
     assert abs(diff["fid_difference"] - (metrics.fid(real, worse) - metrics.fid(real, good))) < 0.05
+
+
+def tiny_clip(folder: Path) -> Path:
+    """A random CLIP with a byte-level vocabulary (no merges), saved like a published one."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    chars = sorted({chr(b) if 33 <= b <= 126 or 161 <= b <= 255 and b != 173 else chr(256 + b) for b in range(256)})
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    end = vocab["<|endoftext|>"]
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, eos_token_id=end, pad_token_id=end,
+                                         bos_token_id=vocab["<|startoftext|>"]),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                           image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def test_clip_score_from_a_local_folder_equals_the_cosine(tmp_path):
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = tiny_clip(tmp_path)
+    images, prompts = torch.rand(5, 1, 28, 28), ["a digit", "zero", "one two", "three", "a cat"]
+    score = metrics.clip_score(images, prompts, folder, batch_size=2)
+    model, processor = CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+    pixels = processor(images=list((images.expand(-1, 3, -1, -1) * 255).round().to(torch.uint8)), return_tensors="pt")
+    text = processor(text=prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a = model.get_image_features(pixel_values=pixels["pixel_values"]).pooler_output
+        b = model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).pooler_output
+    expected = (100 * F.cosine_similarity(a, b)).clamp(min=0).mean().item()
+    assert score == pytest.approx(expected, abs=1e-3)
+    with pytest.raises(FileNotFoundError, match="no CLIP model"):
+        metrics.clip_score(images, prompts, tmp_path / "missing")

@@ -12,6 +12,7 @@ import torch
 from ..checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from ..tokenizer import VQTokenizer
 from .contract import MaskedBase
+from .dimoo import build_dimoo
 from .maskgit import build_maskgit_imagenet
 from .tiny_maskgit import TinyMaskGIT
 
@@ -20,7 +21,8 @@ def _build_tiny_maskgit(config: dict) -> MaskedBase:
     return TinyMaskGIT(VQTokenizer(**config["tokenizer"]), num_classes=config["num_classes"], **config["model"])
 
 
-BASES: dict[str, Callable[[dict], MaskedBase]] = {"tiny-maskgit": _build_tiny_maskgit, "maskgit-imagenet": build_maskgit_imagenet}
+BASES: dict[str, Callable[[dict], MaskedBase]] = {"tiny-maskgit": _build_tiny_maskgit, "maskgit-imagenet": build_maskgit_imagenet,
+                                                  "dimoo": build_dimoo}
 
 
 def build_base(config: dict) -> MaskedBase:

@@ -46,6 +46,13 @@ class MaskedBase(nn.Module, ABC):
         alone (their shortcut applies RoPE at `image_positions`).
         """
 
+    def shortcut_context(self, cond: torch.Tensor):
+        """Extra shortcut inputs for a batch of conditions [B, ...] (both CFG branches), or None.
+
+        Rotary bases (DiMOO) return a `shortcut.ShortcutContext` (positions, prompt embeddings);
+        MaskGIT's absolute positions are already in `embed_tokens`, so it needs none."""
+        return None
+
     @abstractmethod
     def uncond(self, cond: torch.Tensor) -> torch.Tensor:
         """The unconditional counterpart of a batch of conditions (null class, empty prompt)."""
