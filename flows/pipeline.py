@@ -21,12 +21,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prefect import flow, task
-from prefect.runtime import flow_run
-
-STAGES = ("prepare", "tokenizer", "classifier", "base", "extract", "train_shortcut", "sample", "evaluate")
 QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
          "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
+for _key, _value in QUIET.items():  # before Prefect reads its settings
+    os.environ.setdefault(_key, _value)
+# Local mode starts a temporary server; on a busy 2-core machine that takes 25-30 s, past Prefect's 20 s default.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+from prefect import flow, task  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+
+STAGES = ("prepare", "tokenizer", "classifier", "base", "extract", "train_shortcut", "sample", "evaluate")
 
 
 def _run(cmd: list[str], project: str) -> str:
