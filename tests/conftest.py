@@ -16,10 +16,11 @@ for _key, _value in {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "f
     os.environ.setdefault(_key, _value)
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def run(cmd: list[str], cwd: Path, check: bool = True, pin_root: bool = True) -> subprocess.CompletedProcess:
+    """Run a command in a test project; `pin_root` points MIGM_ROOT there (off: the stages find it)."""
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MIGM_ROOT": str(cwd), "DVC_NO_ANALYTICS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("MIGM_PIPELINE_RUN", None)
+    for key in ("MLFLOW_TRACKING_URI", "MIGM_PIPELINE_RUN") + (() if pin_root else ("MIGM_ROOT",)):
+        env.pop(key, None)
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and out.returncode:
         raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")

@@ -95,3 +95,25 @@ def test_artifacts_travel_through_a_local_dvc_remote(project, tmp_path):
     run(["dvc", "pull", "-r", "shared"], worker)
     assert "Data and pipelines are up to date" in run(["dvc", "status"], worker).stdout
     assert (worker / "data/shortcut/model.safetensors").read_bytes() == (project / "data/shortcut/model.safetensors").read_bytes()
+
+
+def test_dvc_experiment_reruns_only_sampling_and_logs_to_the_projects_mlflow(project, tmp_path):
+    """`dvc exp run --temp -S KEY=V` works in a copy under .dvc/tmp/exps: it must rerun only what the
+    key touches, show in `dvc exp show`, and log to the project's MLflow store, not the copy's."""
+    root = tmp_path / "project"
+    shutil.copytree(project, root, ignore=shutil.ignore_patterns("tmp"))  # with .dvc/cache: nothing retrains
+    run(["git", "add", "-A"], root)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "smoke run"], root)
+    out = run(["dvc", "exp", "run", "--temp", "-S", "sample.seed=7"], root, pin_root=False).stdout
+    assert "Stage 'train_shortcut' didn't change, skipping" in out and "Running stage 'sample'" in out
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], root).stdout)
+    exps = [r for entry in shown for e in entry.get("experiments") or [] for r in e["revs"]]
+    assert [r["data"]["params"]["params.yaml"]["data"]["sample"]["seed"] for r in exps] == [7]
+    assert "data/report/metrics.json" in exps[0]["data"]["metrics"]
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("migm-shortcut").experiment_id], max_results=500)
+    parents = [r for r in runs if r.data.params.get("sample.seed") == "7" and "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert {s.name for s in load_params(root / "params.yaml").sample.settings()} <= children
