@@ -21,10 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-QUIET = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-         "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
-for _key, _value in QUIET.items():  # before Prefect reads its settings
-    os.environ.setdefault(_key, _value)
+from migm_shortcut import telemetry
+
+telemetry.switch_off()  # before Prefect reads its settings
 # Local mode starts a temporary server; on a busy 2-core machine that takes 25-30 s, past Prefect's 20 s default.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
@@ -35,7 +34,7 @@ STAGES = ("prepare", "tokenizer", "classifier", "base", "extract", "train_shortc
 
 
 def _run(cmd: list[str], project: str) -> str:
-    env = {**os.environ, **QUIET, "MIGM_PIPELINE_RUN": os.environ.get("MIGM_PIPELINE_RUN") or str(flow_run.id)}
+    env = {**os.environ, **telemetry.OFF, "MIGM_PIPELINE_RUN": os.environ.get("MIGM_PIPELINE_RUN") or str(flow_run.id)}
     bin_dir = str(Path(sys.executable).parent)  # dvc and python of this environment
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     out = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True)
@@ -108,8 +107,6 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--profile")
     args = parser.parse_args()
-    for key, value in QUIET.items():
-        os.environ.setdefault(key, value)
     pipeline(project=args.project, workers=args.workers, profile=args.profile)
 
 

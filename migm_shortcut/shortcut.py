@@ -65,13 +65,15 @@ class ShortcutContext:
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half layout, as LLaDA): x [B, h, T, d], positions [B, T]."""
+    """Rotary embedding in LLaDA's rotate-half layout, in float32: x [B, h, T, d], positions [B, T].
+
+    Shared by the DiMOO base (bases/dimoo.py) and the DiMOO shortcut variant."""
     d = x.shape[-1]
-    inv_freq = theta ** -(torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
     angles = positions.float()[:, None, :, None] * inv_freq
-    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    angles = torch.cat([angles, angles], -1)
     x1, x2 = x.float().chunk(2, dim=-1)
-    return (x.float() * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
+    return (x.float() * angles.cos() + torch.cat([-x2, x1], -1) * angles.sin()).to(x.dtype)
 
 
 class Attention(nn.Module):

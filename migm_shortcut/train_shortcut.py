@@ -83,11 +83,10 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
     bar = tqdm(range(1, steps + 1), desc="shortcut", disable=not progress or not distributed.is_main(), leave=False)
     for update in bar:
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-        x, loss = batch["feature"], 0.0
+        x, loss, cond = batch["feature"], 0.0, branch_cond(base, batch)
         with autocast(device):
             for j in range(train_set.unroll):
-                x, mask = shortcut_step(model, base, x, batch["tokens"], batch["order"], batch["step"] + j,
-                                        branch_cond(base, batch))
+                x, mask = shortcut_step(model, base, x, batch["tokens"], batch["order"], batch["step"] + j, cond)
                 # The global batch's mean: this rank's error sum over all ranks' positions, times
                 # the world size that DDP's gradient average divides by again.
                 count = distributed.all_sum(mask.sum())

@@ -7,10 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-# No telemetry leaves the machine, and nothing waits on a network it cannot reach.
-for _key, _value in {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-                     "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
-    os.environ.setdefault(_key, _value)
+from migm_shortcut import telemetry
+
+telemetry.switch_off()  # before torch, mlflow and transformers are imported
 
 import torch  # noqa: E402
 

@@ -11,9 +11,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))  # flows/ and stages/ import from the checkout
-for _key, _value in {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-                     "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}.items():
-    os.environ.setdefault(_key, _value)
+
+from migm_shortcut import telemetry  # noqa: E402
+
+telemetry.switch_off()
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, pin_root: bool = True) -> subprocess.CompletedProcess:

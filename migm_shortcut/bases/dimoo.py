@@ -29,7 +29,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..checkpoint import load_state_strict
-from ..shortcut import ShortcutContext
+from ..shortcut import ShortcutContext, rotate
 from .contract import MaskedBase
 
 # Token map (published config.py SPECIAL_TOKENS; SPEC section 9).
@@ -96,16 +96,6 @@ class RMSNorm(nn.Module):
         return self.weight * y.to(x.dtype)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding in LLaDA's rotate-half layout, in float32: x [B, h, T, d], positions [B, T]."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    angles = positions.float()[:, None, :, None] * inv_freq
-    angles = torch.cat([angles, angles], -1)
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return (x.float() * angles.cos() + torch.cat([-x2, x1], -1) * angles.sin()).to(x.dtype)
-
-
 class LLaDALlamaBlock(nn.Module):
     def __init__(self, cfg: LLaDAConfig):
         super().__init__()
@@ -127,7 +117,7 @@ class LLaDALlamaBlock(nn.Module):
         q = self.q_proj(xn).view(B, T, h, -1).transpose(1, 2)
         k = self.k_proj(xn).view(B, T, kvh, -1).transpose(1, 2)
         v = self.v_proj(xn).view(B, T, kvh, -1).transpose(1, 2)
-        q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
+        q, k = rotate(q, positions, self.cfg.rope_theta), rotate(k, positions, self.cfg.rope_theta)
         k, v = k.repeat_interleave(h // kvh, dim=1), v.repeat_interleave(h // kvh, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])  # bidirectional
         x = x + self.attn_out(y.transpose(1, 2).reshape(B, T, D))
