@@ -20,8 +20,11 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    dataset: Literal["mnist", "fashion-mnist", "imagefolder"] = "mnist"
-    root: str | None = None  # folder of fashion-mnist IDX files or of an image folder
+    # mnist | fashion-mnist | imagefolder: the training set of the trained base and the FID reference.
+    # imagenet: only the FID reference of a published base, `root` = a reference batch .npz (the
+    # ADM evaluation suite's format: uint8 images [n, H, W, 3] under arr_0).
+    dataset: Literal["mnist", "fashion-mnist", "imagefolder", "imagenet"] = "mnist"
+    root: str | None = None  # folder of fashion-mnist IDX files or of an image folder; the imagenet .npz
     image_size: int = Field(28, ge=8, multiple_of=4)  # the tokenizer downsamples by 4
     val_size: int = Field(5000, ge=1)
     seed: int = 0
@@ -46,10 +49,35 @@ class ClassifierConfig(Section):
     seed: int = 0
 
 
-class BaseConfig(Section):
-    """The base MIGM. `name` picks an entry of the base registry (`migm_shortcut.bases`)."""
+# The files a published base is read from: key in `base.published.files` -> what to put there.
+PUBLISHED_FILES = {
+    "maskgit-imagenet": {
+        "transformer": "MaskGIT_ImageNet_{image_size}.pth from the Hugging Face repo llvictorll/Maskgit-pytorch "
+                       "(pretrained_maskgit/MaskGIT/; valeoai/Maskgit-pytorch's download_models.py fetches it)",
+        "vqgan": "last.ckpt from the Hugging Face repo llvictorll/Maskgit-pytorch (pretrained_maskgit/VQGAN/)",
+    },
+}
+OPTIONAL_FILES = {"maskgit-imagenet": {"vqgan_yaml": "model.yaml beside the VQGAN's last.ckpt (its sizes; "
+                                                     "without it taming's f16/1024 defaults)"}}
+PATCH = {"tiny-maskgit": 4, "maskgit-imagenet": 16}  # image pixels per token side
 
-    name: str = "tiny-maskgit"
+
+class PublishedBase(Section):
+    """A pretrained base read from local files; the `base` stage imports it instead of training."""
+
+    files: dict[str, str]  # keys: PUBLISHED_FILES[base.name] (+ OPTIONAL_FILES)
+    codebook_size: int = Field(1024, ge=2)
+    num_classes: int = Field(1000, ge=1)
+
+
+class BaseConfig(Section):
+    """The base MIGM. `name` picks an entry of the base registry (`migm_shortcut.bases`).
+
+    depth/width/heads/mlp_ratio are its architecture (for a published base: the published one, checked
+    when the weights are imported); steps..weight_decay train the tiny base and are unused otherwise."""
+
+    name: Literal["tiny-maskgit", "maskgit-imagenet"] = "tiny-maskgit"
+    published: PublishedBase | None = None
     depth: int = Field(8, ge=1)
     width: int = Field(256, ge=8)
     heads: int = Field(8, ge=1)
@@ -70,12 +98,14 @@ class BaseConfig(Section):
 
 
 class SamplingConfig(Section):
-    """The sampling rule shared by extraction and every sampler (SPEC section 3)."""
+    """The sampling rule shared by extraction and every sampler (SPEC sections 3 and 9)."""
 
     steps: int = Field(16, ge=2)  # N of the extracted trajectories and of the reference config
-    cfg: float = Field(1.0, ge=0)  # w; ramps linearly from 0 over the steps
-    tau: float = Field(4.5, ge=0)  # Gumbel confidence noise, annealed to 0
+    cfg: float = Field(1.0, ge=0)  # w
+    tau: float = Field(4.5, ge=0)  # Gumbel confidence noise
     temperature: float = Field(1.0, gt=0)
+    schedule: Literal["arccos", "cosine"] = "arccos"  # MaskGIT's reveal schedule; cosine: Lumina-DiMOO's
+    ramp: bool = True  # w ramps up from 0 and tau anneals to 0 over the steps (MaskGIT); false: both constant
 
 
 class ExtractConfig(Section):
@@ -129,9 +159,10 @@ class SampleConfig(Section):
     (SPEC section 7): `warmup_batches` dropped, the median of the rest, per image."""
 
     num_samples: int = Field(1000, ge=1)
-    batch_size: int = Field(125, ge=1)  # also the latency batch size (the paper: 128)
+    batch_size: int = Field(125, ge=1)  # also the latency batch size (the paper: 128); a last partial batch is not timed
     warmup_batches: int = Field(1, ge=0)
     threads: int = Field(2, ge=1)  # CPU intra-op threads, fixed so runs compare
+    compile: bool = False  # torch.compile the base's forward (pays off on a GPU; +6% on this CPU)
     seed: int = 12345
     vanilla_steps: list[int] = Field(min_length=1)
     shortcut: list[ShortcutGrid] = Field(default_factory=list)
@@ -173,12 +204,23 @@ class Params(Section):
 
     @property
     def num_tokens(self) -> int:
-        """Image tokens of the tiny tokenizer's grid (it downsamples by 4)."""
-        return (self.data.image_size // 4) ** 2
+        """Image tokens per image: the tiny tokenizer downsamples by 4, the published VQ models by 16."""
+        return (self.data.image_size // PATCH[self.base.name]) ** 2
+
+    @property
+    def is_published(self) -> bool:
+        return self.base.published is not None
+
+    def published_files(self) -> dict[str, tuple[str, str]]:
+        """key -> (path, what to put there) for every file the published base is read from."""
+        wanted = {**PUBLISHED_FILES.get(self.base.name, {}), **OPTIONAL_FILES.get(self.base.name, {})}
+        files = self.base.published.files if self.base.published else {}
+        return {k: (path, wanted[k].format(image_size=self.data.image_size)) for k, path in files.items()}
 
     @model_validator(mode="after")
     def _possible(self):
         # Impossible combinations fail here, named by key, before any stage does work.
+        self._published_base_fits()
         L = self.num_tokens
 
         def check_steps(key: str, n: int):
@@ -200,9 +242,9 @@ class Params(Section):
             raise ValueError(f"shortcut.heads={self.shortcut.heads} must divide the shortcut width base.width / "
                              f"shortcut.bottleneck_ratio = {self.base.width} / {self.shortcut.bottleneck_ratio}")
         sample = self.sample
-        if sample.num_samples % sample.batch_size or sample.num_samples // sample.batch_size <= sample.warmup_batches:
-            raise ValueError(f"sample.batch_size={sample.batch_size} must divide sample.num_samples={sample.num_samples} "
-                             f"into more batches than sample.warmup_batches={sample.warmup_batches} (latency repeats)")
+        if sample.num_samples // sample.batch_size <= sample.warmup_batches:
+            raise ValueError(f"sample.num_samples={sample.num_samples} must hold more full batches of sample.batch_size="
+                             f"{sample.batch_size} than sample.warmup_batches={sample.warmup_batches} (latency repeats)")
         names = [s.name for s in self.sample.settings()]
         if dupes := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"sample: configurations listed twice: {', '.join(dupes)}")
@@ -216,6 +258,33 @@ class Params(Section):
         if self.extract.batch_size > self.extract.unit_size or self.extract.unit_size % self.extract.batch_size:
             raise ValueError("extract.batch_size must divide extract.unit_size")
         return self
+
+    def _published_base_fits(self):
+        name, published = self.base.name, self.base.published
+        if name not in PUBLISHED_FILES:
+            if published is not None:
+                raise ValueError(f"base.published: base.name={name!r} is trained here, not read from published files")
+            if self.data.dataset == "imagenet":
+                raise ValueError(f"data.dataset=imagenet is only a reference set; base.name={name!r} needs a training set")
+            return
+        if published is None:
+            raise ValueError(f"base.published: base.name={name!r} is read from published files; give base.published.files "
+                             f"({', '.join(PUBLISHED_FILES[name])})")
+        for key in PUBLISHED_FILES[name]:
+            if key not in published.files:
+                raise ValueError(f"base.published.files.{key}: missing; put {PUBLISHED_FILES[name][key]} "
+                                 f"there".format(image_size=self.data.image_size))
+        for key in published.files:
+            if key not in PUBLISHED_FILES[name] and key not in OPTIONAL_FILES.get(name, {}):
+                known = [*PUBLISHED_FILES[name], *OPTIONAL_FILES.get(name, {})]
+                raise ValueError(f"base.published.files.{key}: unknown file key; known: {', '.join(known)}")
+        if self.data.image_size % PATCH[name]:
+            raise ValueError(f"data.image_size={self.data.image_size} must be a multiple of {PATCH[name]} for {name}")
+        if self.data.dataset != "imagenet" or not self.data.root:
+            raise ValueError(f"data.dataset must be imagenet with data.root = the FID reference batch (.npz) for {name}")
+        if not self.evaluate.inception:
+            raise ValueError(f"evaluate.inception must be true for {name}: FID on Inception features is the only "
+                             "quality metric without a domain classifier")
 
 
 class ConfigError(ValueError):

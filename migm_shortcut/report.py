@@ -56,22 +56,28 @@ def _dominance(r: dict) -> str:
             f"{r['fid_minus_slower_vanilla_ci_high']:+.2f}) vs {r['faster_than']}{mark}")
 
 
-def markdown_table(rows: list[dict], noise_floor: float, reference_steps: int) -> str:
+def markdown_table(rows: list[dict], noise_floor: float, reference_steps: int, features: str = "domain-feature") -> str:
+    """The report's table; `features` names what the FID is computed on. Columns a profile cannot
+    fill (class accuracy without a domain classifier; FID against dataset statistics without them)
+    show a dash or are left out."""
+    dataset_fid = any("fid_dataset_stats" in r for r in rows)
     head = ("| Method | Configuration | Latency (ms/img) | Speedup vs N=%d | Speedup vs same N | FID (95%% CI) | "
-            "KID | Class acc. (worst class) | Vanilla FID at same latency | FID minus the next slower vanilla (paired 95%% CI) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n") % reference_steps
+            + ("FID vs dataset stats | " if dataset_fid else "")
+            + "KID | Class acc. (worst class) | Vanilla FID at same latency | FID minus the next slower vanilla (paired 95%% CI) |\n"
+            + "|---" * (10 + dataset_fid) + "|\n") % reference_steps
     lines = []
     for r in sorted(rows, key=lambda r: (r["sampler"] != "vanilla", r["sampler"], r["steps"], r["budget"])):
         config = f"{r['steps']} steps" + ("" if r["sampler"] == "vanilla" else f", B={r['budget']}")
         ci = f" ({r['fid_ci_low']:.2f}–{r['fid_ci_high']:.2f})" if "fid_ci_low" in r else ""
+        accuracy = f"{r['class_accuracy']:.1%} ({r['worst_class_accuracy']:.0%})" if "class_accuracy" in r else "–"
         lines.append(
             f"| {r['sampler']} | {config} | {r['latency_ms']:.2f} | {r['speedup_vs_reference']:.2f}x | "
             f"{_fmt(r['speedup_vs_same_steps'], '.2f')}{'x' if r['speedup_vs_same_steps'] else ''} | {r['fid']:.2f}{ci} | "
-            f"{r['kid_mean']:.3g} | {r['class_accuracy']:.1%} ({r['worst_class_accuracy']:.0%}) | "
-            f"{_fmt(r['matched_vanilla_fid'], '.2f')} | {_dominance(r)} |"
+            + (f"{_fmt(r.get('fid_dataset_stats'), '.2f')} | " if dataset_fid else "")
+            + f"{r['kid_mean']:.3g} | {accuracy} | {_fmt(r['matched_vanilla_fid'], '.2f')} | {_dominance(r)} |"
         )
     n = rows[0]["num_samples"]
-    return (head + "\n".join(lines) + f"\n\n{n} samples per configuration; domain-feature FID. Noise floor "
+    return (head + "\n".join(lines) + f"\n\n{n} samples per configuration; {features} FID. Noise floor "
             f"(FID between two halves of the real reference set): {noise_floor:.2f}.\n")
 
 

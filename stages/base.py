@@ -1,4 +1,9 @@
-"""Stage `base`: train the base MaskGIT on the token grids (its sample grids come from `sample`)."""
+"""Stage `base`: train the base MaskGIT on the token grids (its sample grids come from `sample`).
+
+A published base is imported instead: its files are read and checked tensor by tensor against the
+architecture in params.yaml, then saved as the project's checkpoint. Every later stage, and every
+GPU worker that pulls the DVC remote, then loads one format and needs no access to the originals.
+"""
 
 import hashlib
 
@@ -6,6 +11,7 @@ import numpy as np
 import torch
 
 from migm_shortcut.bases import build_base, save_base
+from migm_shortcut.bases.maskgit import load_maskgit_imagenet
 from migm_shortcut.train_base import train_base
 
 from .common import DATA, device, log_stage, params, write_json
@@ -23,8 +29,28 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+def import_published(p) -> None:
+    b, files = p.base, {k: path for k, (path, _) in p.published_files().items()}
+    try:
+        base = load_maskgit_imagenet(files["transformer"], files["vqgan"], p.data.image_size,
+                                     vqgan_yaml=files.get("vqgan_yaml"), hidden_dim=b.width, depth=b.depth,
+                                     heads=b.heads, mlp_dim=round(b.width * b.mlp_ratio),
+                                     codebook_size=b.published.codebook_size, num_classes=b.published.num_classes)
+    except ValueError as err:  # a tensor that does not fit names itself; say which params keys set the shapes
+        raise SystemExit(f"error: {err}\n(the expected shapes come from base.depth/width/heads/mlp_ratio, "
+                         "base.published.codebook_size/num_classes and data.image_size)")
+    config = {**base.config(), "hash": weights_hash(base.state_dict())}
+    save_base(base, MODEL, config)
+    metrics = {"transformer_parameters": base.transformer_parameters(), "imported": True}
+    write_json(OUT / "metrics.json", metrics)
+    log_stage(p, "base", params={"name": b.name, **files}, metrics=metrics)
+    print(f"base: imported {b.name} ({metrics['transformer_parameters'] / 1e6:.1f}M transformer parameters)")
+
+
 def main() -> None:
     p, dev = params(), device()
+    if p.is_published:
+        return import_published(p)
     tokenizer, tok_config = load_tokenizer()
     with np.load(CODES) as z:
         codes = {k: torch.from_numpy(z[k].astype(np.int64)) for k in z.files}

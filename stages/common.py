@@ -36,10 +36,21 @@ def project_root() -> Path:
 
 
 def params() -> Params:
+    """The validated params.yaml, after checking that every outside file it names exists: a stage
+    (and so `dvc repro`) stops at once, before any work, naming the file and where to put it."""
     try:
-        return load_params(PARAMS_FILE)
+        p = load_params(PARAMS_FILE)
     except ConfigError as err:
         sys.exit(f"error: {err}")
+    missing = [f"base.published.files.{key} = {path}: missing; put {what} there"
+               for key, (path, what) in p.published_files().items() if not Path(path).exists()]
+    if p.data.dataset == "imagenet" and not Path(p.data.root).is_file():
+        missing.append(f"data.root = {p.data.root}: missing; put the FID reference batch there (an .npz of uint8 "
+                       f"images [n, {p.data.image_size}, {p.data.image_size}, 3] under arr_0, e.g. the ADM evaluation "
+                       f"suite's VIRTUAL_imagenet{p.data.image_size}.npz)")
+    if missing:
+        sys.exit(f"error: {PARAMS_FILE} names files that are not there:\n  " + "\n  ".join(missing))
+    return p
 
 
 def sampling_rule(p: Params, steps: int | None = None) -> SamplingRule:

@@ -1,12 +1,17 @@
-"""Stage `prepare`: load the dataset, cut deterministic train/val/test splits, store them as one file."""
+"""Stage `prepare`: load the dataset, cut deterministic train/val/test splits, store them as one file.
+
+For a published base (data.dataset = imagenet) there is no training set: the stage checks the FID
+reference batch (data.root) and records what it holds; the classifier stage reads its images.
+"""
 
 import numpy as np
 
-from migm_shortcut.data import DatasetNotFoundError, Split, load_dataset
+from migm_shortcut.data import DatasetNotFoundError, Split, load_dataset, reference_batch_info
 
 from .common import DATA, params, write_json
 
 SPLITS = DATA / "dataset" / "splits.npz"
+INFO = DATA / "metrics" / "prepare.json"
 
 
 def load_splits() -> dict[str, Split]:
@@ -22,11 +27,20 @@ def load_splits() -> dict[str, Split]:
 
 def main() -> None:
     p = params()
+    (DATA / "dataset").mkdir(parents=True, exist_ok=True)
+    if p.data.dataset == "imagenet":
+        try:
+            info = {"dataset": "imagenet", "reference": p.data.root, **reference_batch_info(p.data.root, p.data.image_size)}
+        except ValueError as err:
+            raise SystemExit(f"error: data.root: {err}")
+        write_json(DATA / "dataset" / "reference.json", info)
+        write_json(INFO, info)
+        print(info)
+        return
     try:
         splits = load_dataset(p.data.dataset, p.data.root, p.data.image_size, p.data.val_size, p.data.seed)
     except DatasetNotFoundError as err:
         raise SystemExit(f"error: {err}")
-    SPLITS.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"{k}_{a}": getattr(s, a).numpy() for k, s in splits.items() for a in ("images", "labels")}
     tmp = SPLITS.with_suffix(".tmp.npz")
     np.savez(tmp, num_classes=splits["train"].num_classes, **arrays)
@@ -34,7 +48,7 @@ def main() -> None:
     info = {"dataset": p.data.dataset, "num_classes": splits["train"].num_classes,
             **{f"{k}_size": len(s) for k, s in splits.items()},
             "train_mean_pixel": float(splits["train"].images.float().mean())}
-    write_json(DATA / "dataset" / "info.json", info)
+    write_json(INFO, info)
     print(info)
 
 

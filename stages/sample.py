@@ -3,9 +3,12 @@
     python -m stages.sample                         # the whole grid (what `dvc repro` runs)
     python -m stages.sample --worker 0 --workers 2  # one shard of the grid, e.g. on one GPU worker
 
-Each configuration gets a folder data/samples/<name>/ with its tokens, images, a per-class grid and
-info.json. Latency is timed on the sampling itself, batch by batch at `sample.batch_size`: warm-up
-batches dropped, median of the rest, per image, with and without the decoder.
+Each configuration gets a folder data/samples/<name>/ with its tokens and class labels, a grid of
+decoded samples of the first classes and info.json. Images are not stored: `evaluate` decodes the
+tokens batch by batch (50k samples at 512 px would be 39 GB of pixels per configuration). Latency is
+timed on the sampling itself, batch by batch at `sample.batch_size`: warm-up batches dropped (they
+also absorb `sample.compile`'s compilation), median of the rest, per image, with and without the
+decoder; a last partial batch is sampled but not timed.
 Folders appear whole (written under a temporary name, then renamed) and carry a fingerprint of
 everything that made them (configuration, sampling rule, models): a rerun skips the folders that
 are already right, so a killed or sharded run resumes, and `dvc repro` after workers filled the
@@ -56,6 +59,18 @@ def read_info(folder) -> dict:
         return {}
 
 
+def grid_samples(labels: torch.Tensor, classes: int = 10, per_class: int = 10) -> torch.Tensor:
+    """Indices of the samples a grid shows: up to `per_class` of each of the first `classes` classes."""
+    return torch.cat([torch.nonzero(labels == c)[:per_class, 0] for c in range(classes)])
+
+
+def grid_images(images: torch.Tensor, largest: int = 128) -> torch.Tensor:
+    """Decoded images -> uint8, shrunk (area) to at most `largest` pixels a side: a grid stays a glance."""
+    if images.shape[-1] > largest:
+        images = torch.nn.functional.interpolate(images.float(), size=(largest, largest), mode="area")
+    return to_uint8(images).cpu()
+
+
 def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: float, fp: str) -> dict:
     rule, s = sampling_rule(p, setting.steps), p.sample
     amp = torch.bfloat16 if dev.type == "cuda" else None
@@ -67,12 +82,13 @@ def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: flo
 
     # The timed repeats are the sampling itself: batch after batch of the same size, the first
     # `warmup_batches` untimed (their samples are kept all the same).
-    batches = iter(range(first, first + s.batch_size) for first in range(0, s.num_samples, s.batch_size))
+    batches = iter(range(first, min(first + s.batch_size, s.num_samples)) for first in range(0, s.num_samples, s.batch_size))
     tokens, bar = [], tqdm(total=s.num_samples, desc=setting.name, unit="img", leave=False)
 
     def next_batch():
-        tokens.append(sample(next(batches)).tokens.cpu())
-        bar.update(s.batch_size)
+        ids = next(batches)
+        tokens.append(sample(ids).tokens.cpu())
+        bar.update(len(ids))
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -80,17 +96,19 @@ def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: flo
     with fixed_threads(s.threads):
         latency = measure_latency(next_batch, warmup=s.warmup_batches, repeats=s.num_samples // s.batch_size - s.warmup_batches,
                                   batch_size=s.batch_size, device=dev)
+        if s.num_samples % s.batch_size:
+            next_batch()
     seconds = time.perf_counter() - start
     bar.close()
     tokens = torch.cat(tokens)
-    images = torch.cat([to_uint8(base.decode(t.to(dev))).cpu() for t in tokens.split(s.batch_size)])
 
     folder = OUT / setting.name
     tmp = OUT / f".{setting.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    np.savez(tmp / "samples.npz", tokens=tokens.numpy().astype(np.int32), labels=labels.numpy(), images=images.numpy())
-    save_grid(images, labels, tmp / "grid.png")
+    np.savez(tmp / "samples.npz", tokens=tokens.numpy().astype(np.int32), labels=labels.numpy())
+    shown = grid_samples(labels)
+    save_grid(grid_images(base.decode(tokens[shown].to(dev))), labels[shown], tmp / "grid.png")
     info = {**setting.model_dump(), "name": setting.name, "num_samples": s.num_samples, "seconds": seconds,
             "base_calls": setting.budget, "feature_source_calls": setting.steps - setting.budget,
             "latency_ms": latency["median_ms_per_image"], "latency_p10_ms": latency["p10"],
@@ -119,6 +137,8 @@ def main(argv=None) -> None:
             parser.error(f"unknown configurations {sorted(unknown)}")
         settings = [s for s in settings if s.name in args.only]
     base = load_base(BASE_MODEL, dev)
+    if p.sample.compile:
+        base.compile_features()
     shortcut_id = hashlib.sha256(SHORTCUT_MODEL.read_bytes()).hexdigest()[:16] if SHORTCUT_MODEL.is_file() else None
     todo = [s for s in settings if read_info(OUT / s.name).get("fingerprint") != fingerprint(s, p, base, shortcut_id)]
     if args.workers == 1 and not args.only:  # the whole grid: drop folders of configurations no longer in it

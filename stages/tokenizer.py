@@ -1,4 +1,7 @@
-"""Stage `tokenizer`: train the VQ tokenizer, then encode the train and val splits to token grids."""
+"""Stage `tokenizer`: train the VQ tokenizer, then encode the train and val splits to token grids.
+
+A published base brings its own VQ model: the stage then only records that nothing was trained.
+"""
 
 import numpy as np
 
@@ -10,6 +13,7 @@ from .prepare import load_splits
 
 OUT = DATA / "tokenizer"
 MODEL, CODES = OUT / "model.safetensors", OUT / "codes.npz"
+METRICS = DATA / "metrics" / "tokenizer.json"
 
 
 def tokenizer_config(p, channels: int) -> dict:
@@ -27,6 +31,13 @@ def load_tokenizer() -> tuple[VQTokenizer, dict]:
 
 def main() -> None:
     p = params()
+    OUT.mkdir(parents=True, exist_ok=True)
+    if p.is_published:
+        info = {"trained": False, "base": p.base.name, "codebook_size": p.base.published.codebook_size}
+        write_json(OUT / "published.json", info)
+        write_json(METRICS, info)
+        print(f"tokenizer: none trained; {p.base.name} decodes with its published VQ model")
+        return
     splits = load_splits()
     config = tokenizer_config(p, channels=splits["train"].images.shape[1])
     model = VQTokenizer(**config)
@@ -38,7 +49,7 @@ def main() -> None:
     save_checkpoint(MODEL, model.state_dict(), {"kind": "vq-tokenizer", "model": config})
     codes = {f"{k}_codes": encode_dataset(model, splits[k].images).numpy().astype(np.int16) for k in ("train", "val")}
     np.savez(CODES, **codes, **{f"{k}_labels": splits[k].labels.numpy() for k in ("train", "val")})
-    write_json(OUT / "metrics.json", metrics)
+    write_json(METRICS, metrics)
     log_stage(p, "tokenizer", params=p.tokenizer.model_dump(), metrics=metrics, history=history)
     print(f"tokenizer: val mse {metrics['mse']:.4f}, codebook usage {metrics['usage']:.0%}, perplexity {metrics['perplexity']:.0f}")
 

@@ -50,6 +50,14 @@ def test_bootstrap_fast_fid_matches_reference(n_fake: int):
     assert float(fast) == pytest.approx(reference, rel=1e-6)
 
 
+@pytest.mark.parametrize("n_fake", [40, 300])
+def test_fid_to_given_statistics_matches_reference(n_fake: int):
+    """The dataset-statistics FID of published bases (the reference batch's mu, sigma)."""
+    real, fake = _features(500, 64, 0), _features(n_fake, 64, 1, shift=0.2)
+    mu, sigma = _stats(real)
+    assert metrics.fid_to_stats(fake, mu, sigma) == pytest.approx(metrics.frechet_distance(mu, sigma, *_stats(fake)), rel=1e-6)
+
+
 def test_fid_of_identical_sets_is_zero():
     real = _features(500, 32, 0)
     assert abs(metrics.fid(real, real.clone())) < 1e-6

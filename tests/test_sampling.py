@@ -1,5 +1,7 @@
 """The sampler loop and its feature sources (SPEC sections 3 and 6) on a tiny random base."""
 
+import shutil
+
 import pytest
 import torch
 from tiny_models import SHORTCUT_SPEC, make_base, make_shortcut, one_thread  # noqa: F401 (autouse fixture)
@@ -254,3 +256,13 @@ def test_extrapolate_inside_the_sampler(base):
     torch.testing.assert_close(f[:, :, 4], f[:, :, 3] + (f[:, :, 3] - f[:, :, 0]) / 3)
     torch.testing.assert_close(f[:, :, 6], f[:, :, 5] + (f[:, :, 5] - f[:, :, 3]) / 2)
     torch.testing.assert_close(f[:, :, 7], f[:, :, 5] + (f[:, :, 5] - f[:, :, 3]))
+
+
+@pytest.mark.skipif(not shutil.which("g++"), reason="torch.compile (inductor) needs a C++ compiler on the CPU")
+def test_compiled_base_samples_what_the_eager_base_samples(shortcut):
+    """`sample.compile`: the same tokens, shortcut steps included (up to float rounding, none at this size)."""
+    eager, compiled = make_base(), make_base().compile_features()
+    for model in (eager, compiled):
+        model.eval()
+    tokens = [run(model, 4, budget=2, source=Learned(shortcut, model)).tokens for model in (eager, compiled)]
+    assert torch.equal(*tokens)

@@ -65,3 +65,10 @@ class MaskedBase(nn.Module, ABC):
     def base_id(self) -> str:
         """Identifies the architecture and weights; stored with trajectories and shortcuts."""
         return getattr(self, "_base_id", type(self).__name__)
+
+    def compile_features(self) -> "MaskedBase":
+        """torch.compile the heavy forward, `features`; the sampler loop around it stays eager.
+
+        Compilation happens on the first call of each input shape (a sampling run's warm-up batch)."""
+        self.features = torch.compile(self.features)
+        return self
