@@ -28,7 +28,7 @@ from migm_shortcut.report import add_comparisons, markdown_table, pareto_plot, s
 
 from .base import MODEL as BASE_MODEL
 from .classifier import REFERENCE_FEATURES, load_classifier
-from .common import DATA, device, log_stage, params, write_json
+from .common import DATA, decode_batch, device, log_stage, params, write_json
 from .prepare import load_splits
 from .sample import OUT as SAMPLES
 
@@ -51,10 +51,10 @@ def load_sample_set(name: str, num_samples: int, num_tokens: int) -> tuple[dict,
 
 
 @torch.no_grad()
-def decoded_features(base, tokens: torch.Tensor, extractors: dict, dev) -> dict[str, torch.Tensor]:
+def decoded_features(base, tokens: torch.Tensor, extractors: dict, dev, batch_size: int) -> dict[str, torch.Tensor]:
     """Decode tokens batch by batch (as 8-bit images, like real ones) and run every extractor on each batch."""
     out = {k: [] for k in extractors}
-    for batch in tokens.split(BATCH):
+    for batch in tokens.split(batch_size):
         images = to_float(to_uint8(base.decode(batch.long().to(dev))))
         for k, f in extractors.items():
             out[k].append(f(images).float().cpu())
@@ -91,7 +91,7 @@ def main() -> None:
 
     rows, bootstraps = [], {}
     for name, (info, arrays) in sets.items():
-        feats = decoded_features(base, arrays["tokens"], extractors, dev)
+        feats = decoded_features(base, arrays["tokens"], extractors, dev, decode_batch(p))
         logits, labels = feats.pop("logits", None), arrays["labels"]
         row = dict(info)
         for prefix in feats:

@@ -32,7 +32,7 @@ from migm_shortcut.metrics import fixed_threads, measure_latency
 from migm_shortcut.sampling import Extrapolate, FeatureSource, Learned, Reuse, generate
 
 from .base import MODEL as BASE_MODEL
-from .common import DATA, device, sampling_rule, params, write_json
+from .common import DATA, decode_batch, device, params, sampling_rule, write_json
 from .train_shortcut import MODEL as SHORTCUT_MODEL
 from .train_shortcut import load_shortcut
 
@@ -108,7 +108,8 @@ def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: flo
     tmp.mkdir(parents=True)
     np.savez(tmp / "samples.npz", tokens=tokens.numpy().astype(np.int32), labels=labels.numpy())
     shown = grid_samples(labels)
-    save_grid(grid_images(base.decode(tokens[shown].to(dev))), labels[shown], tmp / "grid.png")
+    shown_images = [grid_images(base.decode(t.to(dev))) for t in tokens[shown].split(decode_batch(p))]
+    save_grid(torch.cat(shown_images), labels[shown], tmp / "grid.png")
     info = {**setting.model_dump(), "name": setting.name, "num_samples": s.num_samples, "seconds": seconds,
             "base_calls": setting.budget, "feature_source_calls": setting.steps - setting.budget,
             "latency_ms": latency["median_ms_per_image"], "latency_p10_ms": latency["p10"],
@@ -149,7 +150,7 @@ def main(argv=None) -> None:
     if not todo:
         return
     shortcut = load_shortcut(base.base_id).to(dev) if any(s.sampler == "shortcut" for s in todo) else None
-    codes = torch.zeros(p.sample.batch_size, base.num_tokens, dtype=torch.long, device=dev)
+    codes = torch.zeros(min(p.sample.batch_size, decode_batch(p)), base.num_tokens, dtype=torch.long, device=dev)
     with fixed_threads(p.sample.threads):
         decoder = measure_latency(lambda: base.decode(codes), warmup=1, repeats=3, batch_size=len(codes), device=dev)
     for setting in todo:

@@ -170,8 +170,8 @@ def read_state(folder: Path) -> dict[str, torch.Tensor]:
 class LuminaDiMOO(MaskedBase):
     """Lumina-DiMOO text-to-image as a MaskedBase; conditions are left-padded prompt ids [B, P].
 
-    decoder: any module or callable mapping codes [B, rows, cols] to images [B, 3, H, W] in [0, 1]
-    (e.g. a wrapper around the published diffusers VQModel); `decode` needs it, nothing else does.
+    decoder: a callable mapping codes [B, rows, cols] to images [B, 3, H, W] in [0, 1] (`VQDecoder`
+    wraps the published one); `decode` needs it, nothing else does.
     """
 
     def __init__(self, llada: LLaDAModelLM, *, image_size: int = 1024, prompt_len: int, uncond_prompt: Sequence[int],
@@ -259,6 +259,36 @@ class LuminaDiMOO(MaskedBase):
         return self.decoder(codes).float().clamp(0, 1)
 
 
+class VQDecoder:
+    """The published VQ model as `decoder`: image codes [B, rows, cols] -> images [B, 3, H, W] in [0, 1].
+
+    It is a diffusers `VQModel` in `<folder>/vqvae` (Alpha-VLLM/Lumina-DiMOO's own folder), decoded
+    as the published `utils/image_utils.decode_vq_to_image` does: code indices (without the
+    vocabulary offset) looked up in the codebook, no re-quantization, output already in [0, 1]
+    (its image processor does not normalise). A plain callable, not a module: the base's state
+    dict (and so the project checkpoint) holds only the transformer; the decoder follows the
+    device of the codes it is given."""
+
+    def __init__(self, folder: str | Path):
+        try:
+            from diffusers import VQModel
+        except ImportError as err:
+            raise ImportError("decoding Lumina-DiMOO images needs diffusers (`pip install diffusers`): "
+                              "its VQ model is a diffusers VQModel") from err
+        if not (Path(folder) / "vqvae").is_dir():
+            raise FileNotFoundError(f"{Path(folder) / 'vqvae'} is missing (download Alpha-VLLM/Lumina-DiMOO into {folder})")
+        self.vq = VQModel.from_pretrained(str(folder), subfolder="vqvae").eval().requires_grad_(False)
+        scale = 2 ** (len(self.vq.config.block_out_channels) - 1)
+        if scale != PATCH:
+            raise ValueError(f"{folder}/vqvae downsamples by {scale}, not {PATCH}: not Lumina-DiMOO's VQ model")
+
+    @torch.no_grad()
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        vq = self.vq.to(codes.device)
+        b, rows, cols = codes.shape
+        return vq.decode(codes.long(), force_not_quantize=True, shape=(b, rows, cols, vq.config.latent_channels)).sample
+
+
 def load_dimoo(path: str | Path, *, image_size: int = 1024, prompt_len: int, uncond_prompt: Sequence[int],
                decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
                device: str | torch.device = "cpu") -> LuminaDiMOO:
@@ -279,12 +309,13 @@ def load_dimoo(path: str | Path, *, image_size: int = 1024, prompt_len: int, unc
     return base.to(device).eval().requires_grad_(False)
 
 
-_CONFIG_KEYS = {"kind", "hash", "path", "image_size", "prompt_len", "uncond_prompt"}
+_CONFIG_KEYS = {"kind", "hash", "path", "image_size", "prompt_len", "uncond_prompt", "vq"}
 
 
 def build_dimoo(config: dict) -> LuminaDiMOO:
-    """Registry builder: the published weights from config["path"] (a local folder)."""
+    """Registry builder: the published weights from config["path"] (a local folder); with "vq" (the
+    folder holding vqvae/, usually the same one) the published VQ decoder too."""
     if unknown := sorted(set(config) - _CONFIG_KEYS):
         raise ValueError(f"dimoo config: unknown keys {unknown}; known: {sorted(_CONFIG_KEYS)}")
     return load_dimoo(config["path"], image_size=config.get("image_size", 1024), prompt_len=config["prompt_len"],
-                      uncond_prompt=config["uncond_prompt"])
+                      uncond_prompt=config["uncond_prompt"], decoder=VQDecoder(config["vq"]) if "vq" in config else None)
