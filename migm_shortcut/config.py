@@ -59,6 +59,11 @@ PUBLISHED_FILES = {
 }
 OPTIONAL_FILES = {"maskgit-imagenet": {"vqgan_yaml": "model.yaml beside the VQGAN's last.ckpt (its sizes; "
                                                      "without it taming's f16/1024 defaults)"}}
+def _file_keys(name: str) -> dict[str, str]:
+    """Every file key a base may name (required, then optional) -> what to put there."""
+    return {**PUBLISHED_FILES.get(name, {}), **OPTIONAL_FILES.get(name, {})}
+
+
 PATCH = {"tiny-maskgit": 4, "maskgit-imagenet": 16}  # image pixels per token side
 
 
@@ -213,7 +218,7 @@ class Params(Section):
 
     def published_files(self) -> dict[str, tuple[str, str]]:
         """key -> (path, what to put there) for every file the published base is read from."""
-        wanted = {**PUBLISHED_FILES.get(self.base.name, {}), **OPTIONAL_FILES.get(self.base.name, {})}
+        wanted = _file_keys(self.base.name)
         files = self.base.published.files if self.base.published else {}
         return {k: (path, wanted[k].format(image_size=self.data.image_size)) for k, path in files.items()}
 
@@ -275,9 +280,8 @@ class Params(Section):
                 raise ValueError(f"base.published.files.{key}: missing; put {PUBLISHED_FILES[name][key]} "
                                  f"there".format(image_size=self.data.image_size))
         for key in published.files:
-            if key not in PUBLISHED_FILES[name] and key not in OPTIONAL_FILES.get(name, {}):
-                known = [*PUBLISHED_FILES[name], *OPTIONAL_FILES.get(name, {})]
-                raise ValueError(f"base.published.files.{key}: unknown file key; known: {', '.join(known)}")
+            if key not in _file_keys(name):
+                raise ValueError(f"base.published.files.{key}: unknown file key; known: {', '.join(_file_keys(name))}")
         if self.data.image_size % PATCH[name]:
             raise ValueError(f"data.image_size={self.data.image_size} must be a multiple of {PATCH[name]} for {name}")
         if self.data.dataset != "imagenet" or not self.data.root:

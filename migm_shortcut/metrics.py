@@ -194,16 +194,21 @@ def _fid_to_reference(x: Tensor, x_sqrt_r: Tensor, mu_r: Tensor, trace_r: Tensor
     return (x.mean(0) - mu_r).square().sum() + trace_r + x.var(0).sum() - 2 * trace_sqrt
 
 
+def _psd_sqrt(sigma: Tensor) -> Tensor:
+    """The symmetric square root of a covariance matrix (eigenvalues clipped at 0 against round-off)."""
+    evals, evecs = torch.linalg.eigh(sigma)
+    return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T
+
+
 def fid_to_stats(fake: Tensor, mu: np.ndarray, sigma: np.ndarray) -> float:
     """FID of feature rows `fake` against given statistics (e.g. a dataset's published mu, sigma), float64.
 
     Through sigma^(1/2) and `_fid_to_reference`: one symmetric eigenproblem, where scipy's sqrtm of
     a 2048 x 2048 product takes 16 s on a CPU."""
     sigma_r = torch.from_numpy(np.asarray(sigma, dtype=np.float64))
-    evals, evecs = torch.linalg.eigh(sigma_r)
     x = fake.double()
-    return float(_fid_to_reference(x, x @ ((evecs * evals.clamp(min=0).sqrt()) @ evecs.T),
-                                   torch.from_numpy(np.asarray(mu, dtype=np.float64)), sigma_r.trace()))
+    return float(_fid_to_reference(x, x @ _psd_sqrt(sigma_r), torch.from_numpy(np.asarray(mu, dtype=np.float64)),
+                                   sigma_r.trace()))
 
 
 def bootstrap_fids(real: Tensor, fake: Tensor, *, resamples: int, seed: int = 0) -> tuple[float, np.ndarray]:
@@ -212,8 +217,7 @@ def bootstrap_fids(real: Tensor, fake: Tensor, *, resamples: int, seed: int = 0)
     real = real.double()
     fake = fake.double().to(real.device)
     sigma_r = torch.cov(real.T)
-    evals, evecs = torch.linalg.eigh(sigma_r)
-    fake_sqrt_r = fake @ ((evecs * evals.clamp(min=0).sqrt()) @ evecs.T)
+    fake_sqrt_r = fake @ _psd_sqrt(sigma_r)
     mu_r, trace_r = real.mean(0), sigma_r.trace()
     point = float(_fid_to_reference(fake, fake_sqrt_r, mu_r, trace_r))
     gen = torch.Generator().manual_seed(seed)
