@@ -23,8 +23,10 @@ class DataConfig(Section):
     # mnist | fashion-mnist | imagefolder: the training set of the trained base and the FID reference.
     # imagenet: only the FID reference of a published base, `root` = a reference batch .npz (the
     # ADM evaluation suite's format: uint8 images [n, H, W, 3] under arr_0).
-    dataset: Literal["mnist", "fashion-mnist", "imagefolder", "imagenet"] = "mnist"
-    root: str | None = None  # folder of fashion-mnist IDX files or of an image folder; the imagenet .npz
+    # prompts: the conditions of a text-to-image base, `root` = a folder with train.txt (extraction)
+    # and eval.txt (sampling), one prompt per line.
+    dataset: Literal["mnist", "fashion-mnist", "imagefolder", "imagenet", "prompts"] = "mnist"
+    root: str | None = None  # folder of fashion-mnist IDX files or of an image folder; the imagenet .npz; the prompt folder
     image_size: int = Field(28, ge=8, multiple_of=4)  # the tokenizer downsamples by 4
     val_size: int = Field(5000, ge=1)
     seed: int = 0
@@ -56,6 +58,10 @@ PUBLISHED_FILES = {
                        "(pretrained_maskgit/MaskGIT/; valeoai/Maskgit-pytorch's download_models.py fetches it)",
         "vqgan": "last.ckpt from the Hugging Face repo llvictorll/Maskgit-pytorch (pretrained_maskgit/VQGAN/)",
     },
+    "dimoo": {
+        "model": "the Hugging Face repo Alpha-VLLM/Lumina-DiMOO (a folder: config.json, model*.safetensors, "
+                 "the text tokenizer's files and vqvae/)",
+    },
 }
 OPTIONAL_FILES = {"maskgit-imagenet": {"vqgan_yaml": "model.yaml beside the VQGAN's last.ckpt (its sizes; "
                                                      "without it taming's f16/1024 defaults)"}}
@@ -64,7 +70,8 @@ def _file_keys(name: str) -> dict[str, str]:
     return {**PUBLISHED_FILES.get(name, {}), **OPTIONAL_FILES.get(name, {})}
 
 
-PATCH = {"tiny-maskgit": 4, "maskgit-imagenet": 16}  # image pixels per token side
+PATCH = {"tiny-maskgit": 4, "maskgit-imagenet": 16, "dimoo": 16}  # image pixels per token side
+DIMOO_CODEBOOK = 8192
 
 
 class PublishedBase(Section):
@@ -72,7 +79,8 @@ class PublishedBase(Section):
 
     files: dict[str, str]  # keys: PUBLISHED_FILES[base.name] (+ OPTIONAL_FILES)
     codebook_size: int = Field(1024, ge=2)
-    num_classes: int = Field(1000, ge=1)
+    num_classes: int = Field(1000, ge=1)  # class-conditional bases
+    prompt_len: int | None = Field(None, ge=1)  # text-to-image bases: prompt ids per condition (left-padded)
 
 
 class BaseConfig(Section):
@@ -81,7 +89,7 @@ class BaseConfig(Section):
     depth/width/heads/mlp_ratio are its architecture (for a published base: the published one, checked
     when the weights are imported); steps..weight_decay train the tiny base and are unused otherwise."""
 
-    name: Literal["tiny-maskgit", "maskgit-imagenet"] = "tiny-maskgit"
+    name: Literal["tiny-maskgit", "maskgit-imagenet", "dimoo"] = "tiny-maskgit"
     published: PublishedBase | None = None
     depth: int = Field(8, ge=1)
     width: int = Field(256, ge=8)
@@ -187,6 +195,7 @@ class EvaluateConfig(Section):
     reference: Literal["test", "val", "train"] = "test"
     num_reference: int = Field(10000, ge=2)
     inception: bool = False  # the standard FID network: slow on a CPU, the protocol on a GPU
+    clip_model: str | None = None  # text-to-image: a local CLIP folder for CLIPScore (e.g. openai/clip-vit-large-patch14)
     bootstrap: int = Field(200, ge=2)  # resamples for the FID intervals
     kid_subset_size: int = Field(500, ge=2)
 
@@ -216,6 +225,10 @@ class Params(Section):
     def is_published(self) -> bool:
         return self.base.published is not None
 
+    @property
+    def is_text_to_image(self) -> bool:
+        return self.data.dataset == "prompts"
+
     def published_files(self) -> dict[str, tuple[str, str]]:
         """key -> (path, what to put there) for every file the published base is read from."""
         wanted = _file_keys(self.base.name)
@@ -226,6 +239,8 @@ class Params(Section):
     def _possible(self):
         # Impossible combinations fail here, named by key, before any stage does work.
         self._published_base_fits()
+        if self.evaluate.clip_model and not self.is_text_to_image:
+            raise ValueError("evaluate.clip_model: CLIPScore needs prompts; it is for text-to-image profiles (data.dataset=prompts)")
         L = self.num_tokens
 
         def check_steps(key: str, n: int):
@@ -265,12 +280,12 @@ class Params(Section):
         return self
 
     def _published_base_fits(self):
-        name, published = self.base.name, self.base.published
+        name, published, data = self.base.name, self.base.published, self.data
         if name not in PUBLISHED_FILES:
             if published is not None:
                 raise ValueError(f"base.published: base.name={name!r} is trained here, not read from published files")
-            if self.data.dataset == "imagenet":
-                raise ValueError(f"data.dataset=imagenet is only a reference set; base.name={name!r} needs a training set")
+            if data.dataset in ("imagenet", "prompts"):
+                raise ValueError(f"data.dataset={data.dataset} holds no training images; base.name={name!r} needs a training set")
             return
         if published is None:
             raise ValueError(f"base.published: base.name={name!r} is read from published files; give base.published.files "
@@ -278,17 +293,32 @@ class Params(Section):
         for key in PUBLISHED_FILES[name]:
             if key not in published.files:
                 raise ValueError(f"base.published.files.{key}: missing; put {PUBLISHED_FILES[name][key]} "
-                                 f"there".format(image_size=self.data.image_size))
+                                 f"there".format(image_size=data.image_size))
         for key in published.files:
             if key not in _file_keys(name):
                 raise ValueError(f"base.published.files.{key}: unknown file key; known: {', '.join(_file_keys(name))}")
-        if self.data.image_size % PATCH[name]:
-            raise ValueError(f"data.image_size={self.data.image_size} must be a multiple of {PATCH[name]} for {name}")
-        if self.data.dataset != "imagenet" or not self.data.root:
+        if data.image_size % PATCH[name]:
+            raise ValueError(f"data.image_size={data.image_size} must be a multiple of {PATCH[name]} for {name}")
+        if name == "dimoo":
+            return self._text_to_image_fits()
+        if data.dataset != "imagenet" or not data.root:
             raise ValueError(f"data.dataset must be imagenet with data.root = the FID reference batch (.npz) for {name}")
         if not self.evaluate.inception:
             raise ValueError(f"evaluate.inception must be true for {name}: FID on Inception features is the only "
                              "quality metric without a domain classifier")
+
+    def _text_to_image_fits(self):
+        published = self.base.published
+        if self.data.dataset != "prompts" or not self.data.root:
+            raise ValueError("data.dataset must be prompts with data.root = a folder of train.txt and eval.txt for dimoo")
+        if published.prompt_len is None:
+            raise ValueError("base.published.prompt_len: missing; dimoo conditions are prompt ids left-padded to it")
+        if published.codebook_size != DIMOO_CODEBOOK:
+            raise ValueError(f"base.published.codebook_size={published.codebook_size}: Lumina-DiMOO's VQ has {DIMOO_CODEBOOK} codes")
+        if not self.evaluate.clip_model:
+            raise ValueError("evaluate.clip_model: missing; text-to-image quality is CLIPScore, from a local CLIP folder")
+        if self.evaluate.inception:
+            raise ValueError("evaluate.inception must be false for dimoo: prompts have no reference images for FID")
 
 
 class ConfigError(ValueError):

@@ -243,3 +243,20 @@ def reference_dataset_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray] |
     """The whole dataset's Inception statistics (mu, sigma) that a reference batch may carry."""
     with np.load(path) as z:
         return (z["mu"], z["sigma"]) if {"mu", "sigma"} <= set(z.files) else None
+
+
+PROMPT_FILES = ("train", "eval")  # <root>/train.txt: extraction's conditions; <root>/eval.txt: sampling's
+
+
+def read_prompts(root: str | Path) -> dict[str, list[str]]:
+    """The prompt sets of a text-to-image profile: one prompt per line (surrounding blanks and empty
+    lines dropped). A missing or empty file raises, named."""
+    out = {}
+    for name in PROMPT_FILES:
+        path = Path(root) / f"{name}.txt"
+        if not path.is_file():
+            raise DatasetNotFoundError(f"{path}: missing; put the {name} prompts there, one per line")
+        out[name] = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not out[name]:
+            raise DatasetNotFoundError(f"{path}: holds no prompts")
+    return out

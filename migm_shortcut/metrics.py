@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
@@ -356,29 +357,45 @@ def measure_latency(
     }
 
 
-def clip_score(images: Tensor, prompts: list[str], clip_dir: str | Path, *, batch_size: int = 64,
-               device: torch.device | str = "cpu") -> float:
-    """Mean CLIPScore (torchmetrics: 100 x cosine of CLIP image and text embeddings, floored at 0)
-    of images [N, C, H, W] in [0, 1] against their prompts, with CLIP read from a local folder
-    (`CLIPModel.save_pretrained` + `CLIPProcessor.save_pretrained`, e.g. openai/clip-vit-large-patch14)."""
-    from torchmetrics.multimodal.clip_score import CLIPScore
-    from transformers import CLIPModel, CLIPProcessor
+class ClipScore:
+    """Per-image CLIPScore as torchmetrics defines it (100 x cosine of CLIP's image and prompt
+    embeddings; torchmetrics' CLIPScore is their mean), with CLIP read from a local folder
+    (`CLIPModel.save_pretrained` + `CLIPProcessor.save_pretrained`; the paper: openai/clip-vit-large-patch14).
+    Per image, so that two sample sets of the same prompts compare pair by pair."""
 
-    clip_dir = Path(clip_dir)
-    if not (clip_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{clip_dir}: no CLIP model here; save one with CLIPModel/CLIPProcessor.save_pretrained "
-                                "(the paper uses openai/clip-vit-large-patch14)")
-    if len(images) != len(prompts):
-        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-    # torchmetrics resolves only hub names itself; a callable hands it the local model.
-    clip = _ClipEmbeddings(CLIPModel.from_pretrained(clip_dir).eval())
-    metric = CLIPScore(model_name_or_path=lambda: (clip, CLIPProcessor.from_pretrained(clip_dir)))
-    metric = metric.to(device)
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].clamp(0, 1)
-        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        metric.update((x * 255).round().to(torch.uint8).to(device), prompts[i : i + batch_size])  # CLIP's processor rescales 0..255
-    return float(metric.compute())
+    def __init__(self, clip_dir: str | Path, device: torch.device | str = "cpu"):
+        from transformers import CLIPModel, CLIPProcessor
+
+        clip_dir = Path(clip_dir)
+        if not (clip_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{clip_dir}: no CLIP model here; save one with CLIPModel/CLIPProcessor.save_pretrained "
+                                    "(the paper uses openai/clip-vit-large-patch14)")
+        self.device = torch.device(device)
+        self.clip = _ClipEmbeddings(CLIPModel.from_pretrained(clip_dir).eval()).to(self.device)
+        self.processor = CLIPProcessor.from_pretrained(clip_dir)
+        self.max_text = self.clip.config.text_config.max_position_embeddings  # longer prompts are cut, as torchmetrics does
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
+        """Images [N, C, H, W] in [0, 1] and their N prompts -> scores [N] (float32, CPU)."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        x = images.clamp(0, 1)
+        x = (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x).mul(255).round().to(torch.uint8).cpu()  # CLIP's processor rescales 0..255
+        pixels = self.processor(images=list(x), return_tensors="pt")["pixel_values"].to(self.device)
+        text = self.processor(text=list(prompts), return_tensors="pt", padding=True, truncation=True, max_length=self.max_text)
+        a = self.clip.get_image_features(pixels)
+        b = self.clip.get_text_features(text["input_ids"].to(self.device), text["attention_mask"].to(self.device))
+        return (100 * F.cosine_similarity(a.float(), b.float())).cpu()
+
+
+def mean_interval(scores: Tensor, *, resamples: int, seed: int = 0) -> dict[str, float]:
+    """Mean of per-sample scores with a bootstrap 95% interval: {mean, ci_low, ci_high}."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(scores), (resamples, len(scores)), generator=g)
+    means = scores.double()[idx].mean(1).numpy()
+    return {"mean": float(scores.double().mean()), "ci_low": float(np.percentile(means, 2.5)),
+            "ci_high": float(np.percentile(means, 97.5))}
 
 
 class _ClipEmbeddings(nn.Module):

@@ -1,19 +1,38 @@
 """The evaluation report: speedups, the matched-latency comparison, a markdown table, the Pareto plot.
 
-Pure functions over one row per sampler configuration (its info.json merged with its metrics).
+Pure functions over one row per sampler configuration (its info.json merged with its metrics). The
+quality axis is FID (lower is better) for image datasets and CLIPScore (higher is better) for
+text-to-image prompts; a row holds it under `quality.key`, with `<key>_ci_low/_ci_high` when known.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Quality:
+    key: str  # the row's field
+    label: str
+    higher_is_better: bool
+
+    def gain(self, value: float, than: float) -> float:
+        """How much better `value` is than `than` (positive: better)."""
+        return value - than if self.higher_is_better else than - value
+
+
+FID = Quality("fid", "FID", higher_is_better=False)
+CLIP_SCORE = Quality("clip_score", "CLIPScore", higher_is_better=True)
 
 SAMPLER_STYLE = {"vanilla": ("tab:blue", "o"), "shortcut": ("tab:red", "s"), "reuse": ("tab:gray", "^"),
                  "extrapolate": ("tab:green", "v")}  # fmt: skip
 
 
-def add_comparisons(rows: list[dict], reference_steps: int) -> list[dict]:
+def add_comparisons(rows: list[dict], reference_steps: int, quality: Quality = FID) -> list[dict]:
     """Speedups (vs vanilla at the same N, vs the reference vanilla N) and, for accelerated samplers,
-    vanilla's FID interpolated at the same latency ("matched latency")."""
+    vanilla's quality interpolated at the same latency ("matched latency")."""
+    q = quality.key
     vanilla = sorted((r for r in rows if r["sampler"] == "vanilla"), key=lambda r: r["latency_ms"])
     by_steps = {r["steps"]: r for r in vanilla}
     reference = by_steps[reference_steps]
@@ -23,21 +42,23 @@ def add_comparisons(rows: list[dict], reference_steps: int) -> list[dict]:
         same = by_steps.get(r["steps"])
         r["speedup_vs_same_steps"] = same["latency_ms"] / r["latency_ms"] if same else None
         r["speedup_limit"] = r["steps"] / r["budget"]
-        r["matched_vanilla_fid"] = None
-        r["fid_gain_at_matched_latency"] = None
+        r[f"matched_vanilla_{q}"] = None
+        r[f"{q}_gain_at_matched_latency"] = None
         r["beats_vanilla_beyond_uncertainty"] = None
         if r["sampler"] != "vanilla" and len(vanilla) > 1 and lat[0] <= r["latency_ms"] <= lat[-1]:
-            interp = {k: float(np.interp(r["latency_ms"], lat, [v[k] for v in vanilla])) for k in ("fid", "fid_ci_low")}
-            r["matched_vanilla_fid"] = interp["fid"]
-            r["fid_gain_at_matched_latency"] = interp["fid"] - r["fid"]
-            if "fid_ci_high" in r:
-                r["beats_vanilla_beyond_uncertainty"] = r["fid_ci_high"] < interp["fid_ci_low"]
+            keys = [k for k in (q, f"{q}_ci_low", f"{q}_ci_high") if k in r]
+            interp = {k: float(np.interp(r["latency_ms"], lat, [v[k] for v in vanilla])) for k in keys}
+            r[f"matched_vanilla_{q}"] = interp[q]
+            r[f"{q}_gain_at_matched_latency"] = quality.gain(r[q], interp[q])
+            if f"{q}_ci_low" in r:  # the whole interval beyond vanilla's interval
+                worst, best = (f"{q}_ci_low", f"{q}_ci_high") if quality.higher_is_better else (f"{q}_ci_high", f"{q}_ci_low")
+                r["beats_vanilla_beyond_uncertainty"] = quality.gain(r[worst], interp[best]) > 0
     return rows
 
 
 def slowest_beaten_vanilla(rows: list[dict], row: dict) -> dict | None:
     """The fastest vanilla configuration that is still slower than `row` (None for vanilla rows or
-    when every vanilla configuration is faster): the point `row` must beat on FID to dominate it."""
+    when every vanilla configuration is faster): the point `row` must beat on quality to dominate it."""
     if row["sampler"] == "vanilla":
         return None
     slower = [r for r in rows if r["sampler"] == "vanilla" and r["latency_ms"] >= row["latency_ms"]]
@@ -48,45 +69,47 @@ def _fmt(v, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
-def _dominance(r: dict) -> str:
+def _dominance(r: dict, q: str) -> str:
     if "faster_than" not in r:
         return "–"
     mark = " **better**" if r["dominates_slower_vanilla"] else ""
-    return (f"{r['fid_minus_slower_vanilla']:+.2f} ({r['fid_minus_slower_vanilla_ci_low']:+.2f} to "
-            f"{r['fid_minus_slower_vanilla_ci_high']:+.2f}) vs {r['faster_than']}{mark}")
+    d = f"{q}_minus_slower_vanilla"
+    return f"{r[d]:+.2f} ({r[d + '_ci_low']:+.2f} to {r[d + '_ci_high']:+.2f}) vs {r['faster_than']}{mark}"
 
 
-def markdown_table(rows: list[dict], noise_floor: float, reference_steps: int, features: str = "domain-feature") -> str:
-    """The report's table; `features` names what the FID is computed on. Columns a profile cannot
-    fill (class accuracy without a domain classifier; FID against dataset statistics without them)
-    show a dash or are left out."""
-    dataset_fid = any("fid_dataset_stats" in r for r in rows)
-    head = ("| Method | Configuration | Latency (ms/img) | Speedup vs N=%d | Speedup vs same N | FID (95%% CI) | "
-            + ("FID vs dataset stats | " if dataset_fid else "")
-            + "KID | Class acc. (worst class) | Vanilla FID at same latency | FID minus the next slower vanilla (paired 95%% CI) |\n"
-            + "|---" * (10 + dataset_fid) + "|\n") % reference_steps
-    lines = []
+def markdown_table(rows: list[dict], reference_steps: int, quality: Quality = FID, note: str = "") -> str:
+    """The report's table, with the columns the rows can fill (FID against dataset statistics, KID and
+    class accuracy only where a profile computes them); `note` ends the caption."""
+    q, label = quality.key, quality.label
+    columns = {  # header -> cell of row r
+        "Method": lambda r: r["sampler"],
+        "Configuration": lambda r: f"{r['steps']} steps" + ("" if r["sampler"] == "vanilla" else f", B={r['budget']}"),
+        "Latency (ms/img)": lambda r: f"{r['latency_ms']:.2f}",
+        f"Speedup vs N={reference_steps}": lambda r: f"{r['speedup_vs_reference']:.2f}x",
+        "Speedup vs same N": lambda r: _fmt(r["speedup_vs_same_steps"], ".2f") + ("x" if r["speedup_vs_same_steps"] else ""),
+        f"{label} (95% CI)": lambda r: f"{r[q]:.2f}" + (f" ({r[q + '_ci_low']:.2f}–{r[q + '_ci_high']:.2f})"
+                                                         if q + "_ci_low" in r else ""),
+        "FID vs dataset stats": lambda r: _fmt(r.get("fid_dataset_stats"), ".2f"),
+        "KID": lambda r: f"{r['kid_mean']:.3g}",
+        "Class acc. (worst class)": lambda r: f"{r['class_accuracy']:.1%} ({r['worst_class_accuracy']:.0%})",
+        f"Vanilla {label} at same latency": lambda r: _fmt(r[f"matched_vanilla_{q}"], ".2f"),
+        f"{label} minus the next slower vanilla (paired 95% CI)": lambda r: _dominance(r, q),
+    }
+    needs = {"FID vs dataset stats": "fid_dataset_stats", "KID": "kid_mean", "Class acc. (worst class)": "class_accuracy"}
+    columns = {h: cell for h, cell in columns.items() if h not in needs or any(needs[h] in r for r in rows)}
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for r in sorted(rows, key=lambda r: (r["sampler"] != "vanilla", r["sampler"], r["steps"], r["budget"])):
-        config = f"{r['steps']} steps" + ("" if r["sampler"] == "vanilla" else f", B={r['budget']}")
-        ci = f" ({r['fid_ci_low']:.2f}–{r['fid_ci_high']:.2f})" if "fid_ci_low" in r else ""
-        accuracy = f"{r['class_accuracy']:.1%} ({r['worst_class_accuracy']:.0%})" if "class_accuracy" in r else "–"
-        lines.append(
-            f"| {r['sampler']} | {config} | {r['latency_ms']:.2f} | {r['speedup_vs_reference']:.2f}x | "
-            f"{_fmt(r['speedup_vs_same_steps'], '.2f')}{'x' if r['speedup_vs_same_steps'] else ''} | {r['fid']:.2f}{ci} | "
-            + (f"{_fmt(r.get('fid_dataset_stats'), '.2f')} | " if dataset_fid else "")
-            + f"{r['kid_mean']:.3g} | {accuracy} | {_fmt(r['matched_vanilla_fid'], '.2f')} | {_dominance(r)} |"
-        )
-    n = rows[0]["num_samples"]
-    return (head + "\n".join(lines) + f"\n\n{n} samples per configuration; {features} FID. Noise floor "
-            f"(FID between two halves of the real reference set): {noise_floor:.2f}.\n")
+        lines.append("| " + " | ".join(cell(r) for cell in columns.values()) + " |")
+    return "\n".join(lines) + f"\n\n{rows[0]['num_samples']} samples per configuration; {note}\n"
 
 
-def pareto_plot(rows: list[dict], path: Path, title: str) -> Path:
+def pareto_plot(rows: list[dict], path: Path, title: str, quality: Quality = FID) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    q = quality.key
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
@@ -95,18 +118,18 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> Path:
         group.sort(key=lambda r: r["latency_ms"])
         color, marker = SAMPLER_STYLE[sampler]
         label = "Vanilla" if sampler == "vanilla" else f"{sampler.capitalize()} (N={steps})"
-        x, y = [r["latency_ms"] for r in group], [r["fid"] for r in group]
+        x, y = [r["latency_ms"] for r in group], [r[q] for r in group]
         # One colour per sampler; its curves at different N differ by line style.
         style = ["-", "--", ":", "-."][sorted(n for k, n in groups if k == sampler).index(steps) % 4]
         ax.plot(x, y, marker=marker, color=color, label=label, linestyle=style)
-        if "fid_ci_low" in group[0]:
-            ax.errorbar(x, y, yerr=[[r["fid"] - r["fid_ci_low"] for r in group], [r["fid_ci_high"] - r["fid"] for r in group]],
+        if f"{q}_ci_low" in group[0]:
+            ax.errorbar(x, y, yerr=[[r[q] - r[f"{q}_ci_low"] for r in group], [r[f"{q}_ci_high"] - r[q] for r in group]],
                         fmt="none", ecolor=color, alpha=0.4, capsize=2)
         for r in group:
-            ax.annotate(f"{r['steps']}" if sampler == "vanilla" else f"B={r['budget']}", (r["latency_ms"], r["fid"]),
+            ax.annotate(f"{r['steps']}" if sampler == "vanilla" else f"B={r['budget']}", (r["latency_ms"], r[q]),
                         textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
     ax.set_xlabel("latency (ms per image)")
-    ax.set_ylabel("FID (lower is better)")
+    ax.set_ylabel(f"{quality.label} ({'higher' if quality.higher_is_better else 'lower'} is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -2,7 +2,9 @@
 
 A published base is imported instead: its files are read and checked tensor by tensor against the
 architecture in params.yaml, then saved as the project's checkpoint. Every later stage, and every
-GPU worker that pulls the DVC remote, then loads one format and needs no access to the originals.
+GPU worker that pulls the DVC remote, then loads one format and needs no access to the originals
+(Lumina-DiMOO's VQ decoder excepted: a diffusers model, read from base.published.files.model by the
+stages that decode, `sample` for its grids and `evaluate`).
 """
 
 import hashlib
@@ -11,11 +13,12 @@ import numpy as np
 import torch
 
 from migm_shortcut.bases import build_base, save_base
+from migm_shortcut.bases.dimoo import load_dimoo
 from migm_shortcut.bases.maskgit import load_maskgit_imagenet
 from migm_shortcut.train_base import train_base
 
 from .common import DATA, device, log_stage, params, write_json
-from .tokenizer import CODES, load_tokenizer
+from .tokenizer import CODES, load_prompt_ids, load_tokenizer
 
 OUT = DATA / "base"
 MODEL = OUT / "model.safetensors"
@@ -29,8 +32,16 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def import_published(p) -> None:
+def load_published(p):
     b, files = p.base, {k: path for k, (path, _) in p.published_files().items()}
+    if b.name == "dimoo":
+        base = load_dimoo(files["model"], image_size=p.data.image_size, prompt_len=b.published.prompt_len,
+                          uncond_prompt=load_prompt_ids()["uncond"])
+        cfg = base.llada.config
+        found = {"depth": cfg.n_layers, "width": cfg.d_model, "heads": cfg.n_heads, "mlp_ratio": cfg.hidden / cfg.d_model}
+        if wrong := [f"base.{k}={getattr(b, k)} (config.json: {v})" for k, v in found.items() if getattr(b, k) != v]:
+            raise SystemExit(f"error: {files['model']}/config.json does not match params.yaml: {', '.join(wrong)}")
+        return base, {"vq": files["model"]}  # the decoder stays a diffusers model read from the published folder
     try:
         base = load_maskgit_imagenet(files["transformer"], files["vqgan"], p.data.image_size,
                                      vqgan_yaml=files.get("vqgan_yaml"), hidden_dim=b.width, depth=b.depth,
@@ -39,7 +50,13 @@ def import_published(p) -> None:
     except ValueError as err:  # a tensor that does not fit names itself; say which params keys set the shapes
         raise SystemExit(f"error: {err}\n(the expected shapes come from base.depth/width/heads/mlp_ratio, "
                          "base.published.codebook_size/num_classes and data.image_size)")
-    config = {**base.config(), "hash": weights_hash(base.state_dict())}
+    return base, {}
+
+
+def import_published(p) -> None:
+    b, files = p.base, {k: path for k, (path, _) in p.published_files().items()}
+    base, extra = load_published(p)
+    config = {**base.config(), **extra, "hash": weights_hash(base.state_dict())}
     save_base(base, MODEL, config)
     metrics = {"transformer_parameters": base.transformer_parameters(), "imported": True}
     write_json(OUT / "metrics.json", metrics)

@@ -2,7 +2,7 @@
 
 Trained datasets: the domain classifier, the fast feature extractor for FID and class accuracy.
 A published base: no classifier; the Inception features of the FID reference batch, computed once
-here so that every sweep's evaluation reuses them.
+here so that every sweep's evaluation reuses them. Text to image: nothing (CLIPScore has no reference).
 """
 
 import time
@@ -46,6 +46,11 @@ def reference_features(p, dev) -> dict:
 def main() -> None:
     p = params()
     OUT.mkdir(parents=True, exist_ok=True)
+    if p.is_text_to_image:
+        write_json(OUT / "none.json", {"classifier": None, "quality": "CLIPScore against the prompts"})
+        write_json(METRICS, {"classifier": None})
+        print("classifier: none; text-to-image quality is CLIPScore, which needs no reference features")
+        return
     if p.is_published:
         metrics = reference_features(p, device())
         write_json(METRICS, metrics)

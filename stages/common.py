@@ -15,6 +15,7 @@ import torch  # noqa: E402
 
 from migm_shortcut import tracking  # noqa: E402
 from migm_shortcut.config import ConfigError, Params, load_params  # noqa: E402
+from migm_shortcut.data import DatasetNotFoundError, read_prompts  # noqa: E402
 from migm_shortcut.sampling import SamplingRule  # noqa: E402
 
 DATA = Path("data")
@@ -48,14 +49,31 @@ def params() -> Params:
         missing.append(f"data.root = {p.data.root}: missing; put the FID reference batch there (an .npz of uint8 "
                        f"images [n, {p.data.image_size}, {p.data.image_size}, 3] under arr_0, e.g. the ADM evaluation "
                        f"suite's VIRTUAL_imagenet{p.data.image_size}.npz)")
+    if p.evaluate.clip_model and not (Path(p.evaluate.clip_model) / "config.json").is_file():
+        missing.append(f"evaluate.clip_model = {p.evaluate.clip_model}: no CLIP model there; save one with "
+                       "CLIPModel/CLIPProcessor.save_pretrained (the paper's: openai/clip-vit-large-patch14)")
+    if p.is_text_to_image:
+        missing += _prompt_problems(p)
     if missing:
-        sys.exit(f"error: {PARAMS_FILE} names files that are not there:\n  " + "\n  ".join(missing))
+        sys.exit(f"error: {PARAMS_FILE} names files that are not there or do not fit:\n  " + "\n  ".join(missing))
     return p
 
 
+def _prompt_problems(p: Params) -> list[str]:
+    """Extraction gives every trajectory its own prompt: train.txt must hold one per trajectory."""
+    try:
+        prompts = read_prompts(p.data.root)
+    except DatasetNotFoundError as err:
+        return [f"data.root: {err}"]
+    wanted = p.extract.num_train + p.extract.num_val
+    if len(prompts["train"]) < wanted:
+        return [f"data.root: {Path(p.data.root) / 'train.txt'} holds {len(prompts['train'])} prompts; extract.num_train + "
+                f"extract.num_val = {wanted} trajectories need one each"]
+    return []
+
+
 def sampling_rule(p: Params, steps: int | None = None) -> SamplingRule:
-    s = p.sampling
-    return SamplingRule(steps=steps or s.steps, cfg=s.cfg, tau=s.tau, temperature=s.temperature)
+    return SamplingRule(**{**p.sampling.model_dump(), "steps": steps or p.sampling.steps})
 
 
 def decode_batch(p: Params) -> int:

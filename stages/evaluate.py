@@ -8,12 +8,14 @@ so memory holds features, never a whole sample set's pixels.
 Features: a trained dataset's domain classifier (FID, KID, precision/recall, IS, class accuracy),
 plus Inception if `evaluate.inception`. A published base: Inception only, against the reference
 batch's features (stage `classifier`), and also against the dataset statistics the reference batch
-carries (`fid_dataset_stats`, the number the literature reports).
+carries (`fid_dataset_stats`, the number the literature reports). Text to image (prompts): no
+reference images, so CLIPScore of each image against its prompt takes FID's place.
 """
 
 import json
 import time
 import zipfile
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -21,15 +23,15 @@ import torch
 from migm_shortcut.bases import load_base
 from migm_shortcut.data import reference_dataset_stats, to_float
 from migm_shortcut.images import to_uint8
-from migm_shortcut.metrics import (ClassifierFeatures, InceptionFeatures, bootstrap_fids, compute_metrics,
-                                   extract_features, fid, fid_interval, fid_to_stats, noise_floor,
+from migm_shortcut.metrics import (ClassifierFeatures, ClipScore, InceptionFeatures, bootstrap_fids, compute_metrics,
+                                   extract_features, fid, fid_interval, fid_to_stats, mean_interval, noise_floor,
                                    paired_fid_difference)
-from migm_shortcut.report import add_comparisons, markdown_table, pareto_plot, slowest_beaten_vanilla
+from migm_shortcut.report import CLIP_SCORE, FID, add_comparisons, markdown_table, pareto_plot, slowest_beaten_vanilla
 
 from .base import MODEL as BASE_MODEL
 from .classifier import REFERENCE_FEATURES, load_classifier
-from .common import DATA, decode_batch, device, log_stage, params, write_json
-from .prepare import load_splits
+from .common import DATA, decode_batch, device, log_stage, params, read_json, write_json
+from .prepare import PROMPTS, load_splits
 from .sample import OUT as SAMPLES
 
 OUT = DATA / "report"
@@ -51,11 +53,18 @@ def load_sample_set(name: str, num_samples: int, num_tokens: int) -> tuple[dict,
 
 
 @torch.no_grad()
+def decoded_batches(base, tokens: torch.Tensor, dev, batch_size: int) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Decode tokens batch by batch, as 8-bit images like real ones: (the batch's samples, images)."""
+    for first in range(0, len(tokens), batch_size):
+        batch = slice(first, first + batch_size)
+        yield batch, to_float(to_uint8(base.decode(tokens[batch].long().to(dev))))
+
+
+@torch.no_grad()
 def decoded_features(base, tokens: torch.Tensor, extractors: dict, dev, batch_size: int) -> dict[str, torch.Tensor]:
-    """Decode tokens batch by batch (as 8-bit images, like real ones) and run every extractor on each batch."""
+    """Run every extractor on each decoded batch."""
     out = {k: [] for k in extractors}
-    for batch in tokens.split(batch_size):
-        images = to_float(to_uint8(base.decode(batch.long().to(dev))))
+    for _, images in decoded_batches(base, tokens, dev, batch_size):
         for k, f in extractors.items():
             out[k].append(f(images).float().cpu())
     return {k: torch.cat(v) for k, v in out.items()}
@@ -78,17 +87,13 @@ def reference(p, dev) -> tuple[dict, dict]:
     return {**extractors, "logits": classifier}, real_feats
 
 
-def main() -> None:
-    p, dev = params(), device()
+def fid_rows(p, base, sets: dict, dev) -> tuple[list[dict], Callable, dict, str]:
+    """Image datasets: FID (with intervals), KID, precision/recall, IS, class accuracy per set.
+    Returns (rows, paired difference of two sets' FIDs, summary, the report's note)."""
     e = p.evaluate
-    start = time.perf_counter()
-    base = load_base(BASE_MODEL, dev)
-    settings = p.sample.settings()
-    sets = {s.name: load_sample_set(s.name, p.sample.num_samples, base.num_tokens) for s in settings}
     extractors, real_feats = reference(p, dev)
     dataset_stats = reference_dataset_stats(p.data.root) if p.is_published else None
     floor = noise_floor(real_feats[""])
-
     rows, bootstraps = [], {}
     for name, (info, arrays) in sets.items():
         feats = decoded_features(base, arrays["tokens"], extractors, dev, decode_batch(p))
@@ -109,20 +114,60 @@ def main() -> None:
             correct = logits.argmax(1) == labels
             row["worst_class_accuracy"] = min(correct[labels == c].float().mean().item() for c in labels.unique())
         rows.append(row)
-    rows = add_comparisons(rows, p.sampling.steps)
+
+    def difference(a: str, b: str) -> dict:
+        d = paired_fid_difference(bootstraps[a], bootstraps[b])
+        return {"difference": d["fid_difference"], "ci_low": d["ci_low"], "ci_high": d["ci_high"]}
+
+    features = "Inception" if p.is_published else "domain-feature"
+    note = f"{features} FID. Noise floor (FID between two halves of the real reference set): {floor:.2f}."
+    return rows, difference, {"noise_floor_fid": floor, "num_reference": len(real_feats[""])}, note
+
+
+def clip_rows(p, base, sets: dict, dev) -> tuple[list[dict], Callable, dict, str]:
+    """Text to image: CLIPScore of every image against its prompt. Every set draws the same prompts
+    in the same order, so two sets compare image by image (a paired bootstrap of the differences)."""
+    prompts, scorer, e = read_json(PROMPTS)["eval"], ClipScore(p.evaluate.clip_model, dev), p.evaluate
+    rows, scores = [], {}
+    for name, (info, arrays) in sets.items():
+        labels = arrays["labels"]
+        scores[name] = torch.cat([scorer(images, [prompts[i] for i in labels[batch]])
+                                  for batch, images in decoded_batches(base, arrays["tokens"], dev, decode_batch(p))])
+        m = mean_interval(scores[name], resamples=e.bootstrap)
+        rows.append({**info, "clip_score": m["mean"], "clip_score_ci_low": m["ci_low"], "clip_score_ci_high": m["ci_high"]})
+
+    def difference(a: str, b: str) -> dict:
+        m = mean_interval(scores[a] - scores[b], resamples=e.bootstrap)
+        return {"difference": m["mean"], "ci_low": m["ci_low"], "ci_high": m["ci_high"]}
+
+    note = f"CLIPScore ({p.evaluate.clip_model}) of each image against its prompt, {len(prompts)} prompts."
+    return rows, difference, {"num_prompts": len(prompts)}, note
+
+
+def main() -> None:
+    p, dev = params(), device()
+    start = time.perf_counter()
+    base = load_base(BASE_MODEL, dev)
+    sets = {s.name: load_sample_set(s.name, p.sample.num_samples, base.num_tokens) for s in p.sample.settings()}
+    quality = CLIP_SCORE if p.is_text_to_image else FID
+    rows, difference, summary, note = (clip_rows if p.is_text_to_image else fid_rows)(p, base, sets, dev)
+    q = quality.key
+    rows = add_comparisons(rows, p.sampling.steps, quality)
     for row in rows:  # paired test against the vanilla point this configuration is faster than
         if (other := slowest_beaten_vanilla(rows, row)) is not None:
-            diff = paired_fid_difference(bootstraps[row["name"]], bootstraps[other["name"]])
-            row |= {"faster_than": other["name"], "fid_minus_slower_vanilla": diff["fid_difference"],
-                    "fid_minus_slower_vanilla_ci_low": diff["ci_low"], "fid_minus_slower_vanilla_ci_high": diff["ci_high"],
-                    "dominates_slower_vanilla": diff["ci_high"] < 0}
+            d = difference(row["name"], other["name"])
+            # dominates: even the interval's least favourable end is better than that vanilla point
+            least = d["ci_low"] if quality.higher_is_better else d["ci_high"]
+            row |= {"faster_than": other["name"], f"{q}_minus_slower_vanilla": d["difference"],
+                    f"{q}_minus_slower_vanilla_ci_low": d["ci_low"], f"{q}_minus_slower_vanilla_ci_high": d["ci_high"],
+                    "dominates_slower_vanilla": quality.gain(least, 0.0) > 0}
 
     OUT.mkdir(parents=True, exist_ok=True)
-    pareto_plot(rows, OUT / "pareto.png", f"{p.data.dataset}: FID vs latency ({p.sample.num_samples} samples each)")
-    (OUT / "report.md").write_text(markdown_table(rows, floor, p.sampling.steps,
-                                                  "Inception" if p.is_published else "domain-feature"))
-    write_json(OUT / "pareto.json", [{k: r[k] for k in ("name", "sampler", "steps", "budget", "latency_ms", "fid")} for r in rows])
-    summary = {"noise_floor_fid": floor, "num_reference": len(real_feats[""]), "seconds": time.perf_counter() - start}
+    pareto_plot(rows, OUT / "pareto.png", f"{p.data.dataset}: {quality.label} vs latency ({p.sample.num_samples} samples each)",
+                quality)
+    (OUT / "report.md").write_text(markdown_table(rows, p.sampling.steps, quality, note))
+    write_json(OUT / "pareto.json", [{k: r[k] for k in ("name", "sampler", "steps", "budget", "latency_ms", q)} for r in rows])
+    summary["seconds"] = time.perf_counter() - start
     write_json(OUT / "metrics.json", {"summary": summary, **{r["name"]: r for r in rows}})
 
     for r in rows:
@@ -130,7 +175,7 @@ def main() -> None:
                    and k not in ("steps", "budget")}
         log_stage(p, r["name"], params={"sampler": r["sampler"], "steps": r["steps"], "budget": r["budget"]},
                   metrics=numbers, artifacts=[SAMPLES / r["name"] / "grid.png"])
-    log_stage(p, "evaluate", params=e.model_dump(), metrics=summary,
+    log_stage(p, "evaluate", params=p.evaluate.model_dump(), metrics=summary,
               artifacts=[OUT / "pareto.png", OUT / "report.md", OUT / "metrics.json"])
     print((OUT / "report.md").read_text())
 

@@ -17,6 +17,7 @@ from migm_shortcut.extract import extract, merge_stats, open_store, store_bytes
 
 from .base import MODEL as BASE_MODEL
 from .common import DATA, device, sampling_rule, log_stage, params, write_json
+from .tokenizer import prompt_conditions
 
 STORE = DATA / "trajectories.zarr"
 METRICS = DATA / "extract" / "metrics.json"
@@ -24,8 +25,9 @@ METRICS = DATA / "extract" / "metrics.json"
 
 def prepare_store(p, base):
     """Open the store to resume; a store made by another base or config is replaced (it is this stage's output)."""
+    conditions = {"num_classes": 0, "prompt_len": base.prompt_len} if p.is_text_to_image else {"num_classes": base.num_classes}
     kwargs = dict(num_samples=p.extract.num_train + p.extract.num_val, dtype=p.extract.dtype,
-                  unit_size=p.extract.unit_size, seed=p.extract.seed, num_classes=base.num_classes)
+                  unit_size=p.extract.unit_size, seed=p.extract.seed, **conditions)
     try:
         return open_store(str(STORE), base, sampling_rule(p), **kwargs)
     except ValueError as err:
@@ -52,8 +54,10 @@ def main(argv=None) -> None:
         store = prepare_store(p, base)
     if args.create_only:
         return
+    # Text to image: trajectory i gets train prompt i (params() checked there are enough); else class i mod C.
+    prompts = prompt_conditions(base, "train")[: store.num_samples] if p.is_text_to_image else None
     stats = extract(store, base, sampling_rule(p), batch_size=p.extract.batch_size, worker=args.worker,
-                    num_workers=args.workers, device=dev)
+                    num_workers=args.workers, device=dev, prompts=prompts)
     stats = merge_stats(distributed.gather(stats))  # waits for every rank: then all units are written
     if not distributed.is_main():
         return

@@ -1,16 +1,19 @@
 """Stage `prepare`: load the dataset, cut deterministic train/val/test splits, store them as one file.
 
-For a published base (data.dataset = imagenet) there is no training set: the stage checks the FID
+For a published base there is no training set. data.dataset = imagenet: the stage checks the FID
 reference batch (data.root) and records what it holds; the classifier stage reads its images.
+data.dataset = prompts (text to image): it copies the prompt sets (data.root/train.txt, eval.txt)
+into the pipeline, where the tokenizer stage turns them into the base's conditions.
 """
 
 import numpy as np
 
-from migm_shortcut.data import DatasetNotFoundError, Split, load_dataset, reference_batch_info
+from migm_shortcut.data import DatasetNotFoundError, Split, load_dataset, read_prompts, reference_batch_info
 
 from .common import DATA, params, write_json
 
 SPLITS = DATA / "dataset" / "splits.npz"
+PROMPTS = DATA / "dataset" / "prompts.json"
 INFO = DATA / "metrics" / "prepare.json"
 
 
@@ -34,6 +37,13 @@ def main() -> None:
         except ValueError as err:
             raise SystemExit(f"error: data.root: {err}")
         write_json(DATA / "dataset" / "reference.json", info)
+        write_json(INFO, info)
+        print(info)
+        return
+    if p.is_text_to_image:
+        prompts = read_prompts(p.data.root)  # params() has checked the files
+        write_json(PROMPTS, prompts)
+        info = {"dataset": "prompts", "root": p.data.root, **{f"{k}_prompts": len(v) for k, v in prompts.items()}}
         write_json(INFO, info)
         print(info)
         return

@@ -3,8 +3,8 @@
     python -m stages.sample                         # the whole grid (what `dvc repro` runs)
     python -m stages.sample --worker 0 --workers 2  # one shard of the grid, e.g. on one GPU worker
 
-Each configuration gets a folder data/samples/<name>/ with its tokens and class labels, a grid of
-decoded samples of the first classes and info.json. Images are not stored: `evaluate` decodes the
+Each configuration gets a folder data/samples/<name>/ with its tokens and labels (the class, or the
+index of the eval prompt), a grid of decoded samples of the first classes (prompts) and info.json. Images are not stored: `evaluate` decodes the
 tokens batch by batch (50k samples at 512 px would be 39 GB of pixels per configuration). Latency is
 timed on the sampling itself, batch by batch at `sample.batch_size`: warm-up batches dropped (they
 also absorb `sample.compile`'s compilation), median of the rest, per image, with and without the
@@ -33,6 +33,7 @@ from migm_shortcut.sampling import Extrapolate, FeatureSource, Learned, Reuse, g
 
 from .base import MODEL as BASE_MODEL
 from .common import DATA, decode_batch, device, params, sampling_rule, write_json
+from .tokenizer import prompt_conditions
 from .train_shortcut import MODEL as SHORTCUT_MODEL
 from .train_shortcut import load_shortcut
 
@@ -45,10 +46,24 @@ def feature_source(kind: str, base, shortcut) -> FeatureSource:
             "shortcut": lambda: Learned(shortcut, base)}[kind]()
 
 
-def fingerprint(setting: SamplerSetting, p, base, shortcut_id: str | None) -> str:
+def conditions(p, base) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels [n], conditions [n, ...]) of the samples, the same for every configuration. A label is
+    the class of a class-conditional base, or the index of the eval prompt of a text-to-image one
+    (sample i gets class or prompt i mod their number)."""
+    if not p.is_text_to_image:
+        labels = torch.arange(p.sample.num_samples) % base.num_classes
+        return labels, labels
+    prompts = prompt_conditions(base, "eval")
+    labels = torch.arange(p.sample.num_samples) % len(prompts)
+    return labels, prompts[labels]
+
+
+def fingerprint(setting: SamplerSetting, p, base, shortcut_id: str | None, cond: torch.Tensor) -> str:
     inputs = {"setting": setting.model_dump(), "rule": vars(sampling_rule(p, setting.steps)),
               "sample": p.sample.model_dump(exclude={"vanilla_steps", "shortcut", "baselines", "baseline_steps"}),
               "base": base.base_id, "shortcut": shortcut_id if setting.sampler == "shortcut" else None}
+    if p.is_text_to_image:  # the prompts are not fixed by the params alone
+        inputs["prompts"] = hashlib.sha256(cond.numpy().tobytes()).hexdigest()
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -71,13 +86,13 @@ def grid_images(images: torch.Tensor, largest: int = 128) -> torch.Tensor:
     return to_uint8(images).cpu()
 
 
-def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: float, fp: str) -> dict:
+def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: float, fp: str,
+                labels: torch.Tensor, cond: torch.Tensor) -> dict:
     rule, s = sampling_rule(p, setting.steps), p.sample
     amp = torch.bfloat16 if dev.type == "cuda" else None
-    labels = torch.arange(s.num_samples) % base.num_classes  # the same classes for every configuration
 
     def sample(ids: range):
-        return generate(base, rule, labels[ids.start : ids.stop].to(dev), list(ids), s.seed, budget=setting.budget,
+        return generate(base, rule, cond[ids.start : ids.stop].to(dev), list(ids), s.seed, budget=setting.budget,
                         source=feature_source(setting.sampler, base, shortcut), autocast_dtype=amp)
 
     # The timed repeats are the sampling itself: batch after batch of the same size, the first
@@ -141,7 +156,8 @@ def main(argv=None) -> None:
     if p.sample.compile:
         base.compile_features()
     shortcut_id = hashlib.sha256(SHORTCUT_MODEL.read_bytes()).hexdigest()[:16] if SHORTCUT_MODEL.is_file() else None
-    todo = [s for s in settings if read_info(OUT / s.name).get("fingerprint") != fingerprint(s, p, base, shortcut_id)]
+    labels, cond = conditions(p, base)
+    todo = [s for s in settings if read_info(OUT / s.name).get("fingerprint") != fingerprint(s, p, base, shortcut_id, cond)]
     if args.workers == 1 and not args.only:  # the whole grid: drop folders of configurations no longer in it
         for folder in OUT.glob("*"):
             if folder.name not in {s.name for s in settings}:
@@ -155,7 +171,7 @@ def main(argv=None) -> None:
         decoder = measure_latency(lambda: base.decode(codes), warmup=1, repeats=3, batch_size=len(codes), device=dev)
     for setting in todo:
         info = run_setting(setting, p, base, shortcut, dev, decoder["median_ms_per_image"],
-                           fingerprint(setting, p, base, shortcut_id))
+                           fingerprint(setting, p, base, shortcut_id, cond), labels, cond)
         print(f"sample {info['name']}: {info['latency_ms']:.2f} ms/image, {info['seconds']:.0f} s for {info['num_samples']}")
 
 

@@ -1,6 +1,8 @@
 """Stage `tokenizer`: train the VQ tokenizer, then encode the train and val splits to token grids.
 
-A published base brings its own VQ model: the stage then only records that nothing was trained.
+A published base brings its own VQ model: the stage then only records that nothing was trained. A
+text-to-image base's conditions are tokens too: its prompts are tokenized here with the base's own
+text tokenizer (data/tokenizer/prompts.json: ids per prompt set, and the unconditional prompt's).
 """
 
 import numpy as np
@@ -8,11 +10,11 @@ import numpy as np
 from migm_shortcut.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from migm_shortcut.tokenizer import VQTokenizer, encode_dataset, fit_tokenizer
 
-from .common import DATA, log_stage, params, write_json
-from .prepare import load_splits
+from .common import DATA, log_stage, params, read_json, write_json
+from .prepare import PROMPTS, load_splits
 
 OUT = DATA / "tokenizer"
-MODEL, CODES = OUT / "model.safetensors", OUT / "codes.npz"
+MODEL, CODES, PROMPT_IDS = OUT / "model.safetensors", OUT / "codes.npz", OUT / "prompts.json"
 METRICS = DATA / "metrics" / "tokenizer.json"
 
 
@@ -29,11 +31,40 @@ def load_tokenizer() -> tuple[VQTokenizer, dict]:
     return model.eval(), config
 
 
+def tokenize(p) -> dict:
+    """The prompt sets as the base's token ids; every prompt must fit base.published.prompt_len."""
+    from migm_shortcut.bases.dimoo import tokenize_prompts  # transformers: imported only when needed
+
+    prompts, limit = read_json(PROMPTS), p.base.published.prompt_len
+    folder = p.published_files()["model"][0]
+    out, info = {}, {}
+    for name, texts in prompts.items():
+        out[name], uncond = tokenize_prompts(folder, texts)
+        if too_long := [i for i, ids in enumerate(out[name]) if len(ids) > limit]:
+            raise SystemExit(f"error: base.published.prompt_len={limit}: {len(too_long)} prompts of {p.data.root}/{name}.txt "
+                             f"are longer once tokenized (lines {[i + 1 for i in too_long[:5]]}: up to "
+                             f"{max(len(out[name][i]) for i in too_long)} ids); raise it or shorten them")
+        info[f"{name}_prompt_ids_max"] = max(map(len, out[name]))
+    write_json(PROMPT_IDS, {**out, "uncond": uncond})
+    return info
+
+
+def load_prompt_ids() -> dict[str, list[list[int]] | list[int]]:
+    """{"train": ids per prompt, "eval": ids per prompt, "uncond": ids} of a text-to-image profile."""
+    return read_json(PROMPT_IDS)
+
+
+def prompt_conditions(base, prompt_set: str):
+    """The conditions of a prompt set ("train" or "eval"): its prompts' ids, left-padded by the base [n, P]."""
+    return base.pad_prompts(load_prompt_ids()[prompt_set])
+
+
 def main() -> None:
     p = params()
     OUT.mkdir(parents=True, exist_ok=True)
     if p.is_published:
-        info = {"trained": False, "base": p.base.name, "codebook_size": p.base.published.codebook_size}
+        info = {"trained": False, "base": p.base.name, "codebook_size": p.base.published.codebook_size,
+                **(tokenize(p) if p.is_text_to_image else {})}
         write_json(OUT / "published.json", info)
         write_json(METRICS, info)
         print(f"tokenizer: none trained; {p.base.name} decodes with its published VQ model")

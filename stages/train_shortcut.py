@@ -46,7 +46,7 @@ def main() -> None:
     train_set = PairDataset(str(STORE), range(num_train), unroll=s.unroll)
     val_set = PairDataset(str(STORE), range(num_train, store.num_samples))
     spec = ShortcutSpec(dim=base.dim, bottleneck_ratio=s.bottleneck_ratio, blocks=s.blocks, heads=s.heads,
-                        cross_attention=s.cross_attention, time_embedding=s.time_embedding)
+                        cross_attention=s.cross_attention, time_embedding=s.time_embedding, variant=base.shortcut_variant)
     history = []
     torch.manual_seed(s.seed)  # the same initial weights in every run, on every rank
     model = train_shortcut(Shortcut(spec), base, train_set, steps=s.steps, batch_size=s.batch_size, lr=s.lr,

@@ -198,19 +198,34 @@ def tiny_clip(folder: Path) -> Path:
     return folder
 
 
-def test_clip_score_from_a_local_folder_equals_the_cosine(tmp_path):
+def test_clip_score_per_image_is_the_cosine_and_averages_to_torchmetrics(tmp_path):
+    from torchmetrics.multimodal.clip_score import CLIPScore
     from transformers import CLIPModel, CLIPProcessor
 
     folder = tiny_clip(tmp_path)
     images, prompts = torch.rand(5, 1, 28, 28), ["a digit", "zero", "one two", "three", "a cat"]
-    score = metrics.clip_score(images, prompts, folder, batch_size=2)
+    scores = metrics.ClipScore(folder)(images, prompts)
     model, processor = CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
-    pixels = processor(images=list((images.expand(-1, 3, -1, -1) * 255).round().to(torch.uint8)), return_tensors="pt")
+    uint8 = (images.expand(-1, 3, -1, -1) * 255).round().to(torch.uint8)
+    pixels = processor(images=list(uint8), return_tensors="pt")
     text = processor(text=prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         a = model.get_image_features(pixel_values=pixels["pixel_values"]).pooler_output
         b = model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).pooler_output
-    expected = (100 * F.cosine_similarity(a, b)).clamp(min=0).mean().item()
-    assert score == pytest.approx(expected, abs=1e-3)
+    assert torch.allclose(scores, 100 * F.cosine_similarity(a, b), atol=1e-3)
+    # torchmetrics' CLIPScore (the published metric) is the mean of the per-image scores
+    reference = CLIPScore(model_name_or_path=lambda: (metrics._ClipEmbeddings(model), processor))
+    reference.update(uint8, prompts)
+    assert scores.mean().item() == pytest.approx(max(float(reference.compute()), 0), abs=1e-3)
     with pytest.raises(FileNotFoundError, match="no CLIP model"):
-        metrics.clip_score(images, prompts, tmp_path / "missing")
+        metrics.ClipScore(tmp_path / "missing")
+    with pytest.raises(ValueError, match="5 images but 2 prompts"):
+        metrics.ClipScore(folder)(images, prompts[:2])
+
+
+def test_mean_interval_covers_the_mean_and_narrows_with_more_samples():
+    g = torch.Generator().manual_seed(0)
+    small, large = torch.randn(50, generator=g) + 3, torch.randn(5000, generator=g) + 3
+    a, b = metrics.mean_interval(small, resamples=200), metrics.mean_interval(large, resamples=200)
+    assert a["ci_low"] < a["mean"] < a["ci_high"] and b["ci_low"] < 3 < b["ci_high"]
+    assert b["ci_high"] - b["ci_low"] < (a["ci_high"] - a["ci_low"]) / 5

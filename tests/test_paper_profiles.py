@@ -51,18 +51,28 @@ def test_a_trained_base_rejects_published_files():
         parse_params(raw)
 
 
-def test_dvc_repro_without_the_weights_fails_at_once_naming_the_files(tmp_path):
+MISSING_FILE_LINES = {
+    "paper-maskgit-512": (
+        "base.published.files.transformer = /models/maskgit/MaskGIT/MaskGIT_ImageNet_512.pth: missing; "
+        "put MaskGIT_ImageNet_512.pth from the Hugging Face repo llvictorll/Maskgit-pytorch",
+        "base.published.files.vqgan = /models/maskgit/VQGAN/last.ckpt: missing",
+        "data.root = /models/adm/VIRTUAL_imagenet512.npz: missing"),
+    "paper-dimoo": (
+        "base.published.files.model = /models/Lumina-DiMOO: missing; put the Hugging Face repo Alpha-VLLM/Lumina-DiMOO",
+        "evaluate.clip_model = /models/clip-vit-large-patch14: no CLIP model there",
+        "data.root: /models/dimoo-prompts/train.txt: missing; put the train prompts there"),
+}
+
+
+@pytest.mark.parametrize("profile", MISSING_FILE_LINES)
+def test_dvc_repro_without_the_files_fails_at_once_naming_them(profile, tmp_path):
     root = fresh_copy(tmp_path)
-    run([sys.executable, "-m", "stages.cli", "profile", "paper-maskgit-512"], root)
+    run([sys.executable, "-m", "stages.cli", "profile", profile], root)
     start = time.perf_counter()
     out = run(["dvc", "repro"], root, check=False)
     assert out.returncode != 0 and time.perf_counter() - start < 60
-    message = out.stdout + out.stderr
-    for line in ("base.published.files.transformer = /models/maskgit/MaskGIT/MaskGIT_ImageNet_512.pth: missing; "
-                 "put MaskGIT_ImageNet_512.pth from the Hugging Face repo llvictorll/Maskgit-pytorch",
-                 "base.published.files.vqgan = /models/maskgit/VQGAN/last.ckpt: missing",
-                 "data.root = /models/adm/VIRTUAL_imagenet512.npz: missing"):
-        assert line in message
+    for line in MISSING_FILE_LINES[profile]:
+        assert line in out.stdout + out.stderr
     assert not (root / "data/dataset").exists()  # the first stage stopped before writing anything
 
 
@@ -83,14 +93,20 @@ def tiny_paper_params(folder) -> dict:
     p["base"] |= {"depth": TINY.depth, "width": TINY.hidden, "heads": TINY.heads, "mlp_ratio": TINY.mlp / TINY.hidden}
     p["base"]["published"] = {"files": {"transformer": str(t_path), "vqgan": str(v_path), "vqgan_yaml": str(folder / "model.yaml")},
                               "codebook_size": TINY.codebook, "num_classes": TINY.classes}
+    p["evaluate"] |= {"bootstrap": 10, "kid_subset_size": 4}
+    return tiny_run(p, "tiny-paper")
+
+
+def tiny_run(p: dict, experiment: str) -> dict:
+    """A paper profile's run cut to seconds: 12 trajectories of N = 4, a few shortcut updates, a
+    4-configuration grid of 10 samples. Shared by the paper-profile pipeline tests."""
     p["sampling"]["steps"] = 4
     p["extract"] |= {"num_train": 8, "num_val": 4, "unit_size": 4, "batch_size": 4}
     p["shortcut"] |= {"heads": 2, "steps": 6, "batch_size": 8, "pairs_per_trajectory": 4, "lr_decay_at": 4,
                       "ema_warmup": 2, "num_workers": 0}
     p["sample"] |= {"num_samples": 10, "batch_size": 4, "threads": 1, "vanilla_steps": [2, 4],
                     "shortcut": [{"steps": 4, "budgets": [2]}], "baselines": ["reuse"], "baseline_steps": [4]}
-    p["evaluate"] |= {"bootstrap": 10, "kid_subset_size": 4}
-    p["tracking"]["experiment"] = "tiny-paper"
+    p["tracking"]["experiment"] = experiment
     return p
 
 

@@ -24,6 +24,7 @@ class MaskedBase(nn.Module, ABC):
     seq_len: int  # S
     dim: int  # D
     grid: tuple[int, int]  # image token grid (rows, cols)
+    shortcut_variant = "maskgit"  # the shortcut.ShortcutSpec variant that fits these features
 
     @property
     def image_positions(self) -> torch.Tensor:

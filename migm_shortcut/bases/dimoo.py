@@ -41,6 +41,7 @@ BOA, EOA, BOI, EOI = 126354, 126355, 126349, 126350
 UNCONDITION = 126351  # inside the unconditional prompt template
 PAD = 126081  # LLaDA's pad/eos id, used when config.json names none
 PATCH = 16  # the VQ model downsamples by 16
+SYSTEM_PROMPT = "Generate an image according to the text prompt."  # the published text-to-image system prompt
 
 
 class LLaDAConfig(PretrainedConfig):
@@ -174,6 +175,8 @@ class LuminaDiMOO(MaskedBase):
     wraps the published one); `decode` needs it, nothing else does.
     """
 
+    shortcut_variant = "dimoo"
+
     def __init__(self, llada: LLaDAModelLM, *, image_size: int = 1024, prompt_len: int, uncond_prompt: Sequence[int],
                  decoder: Callable[[torch.Tensor], torch.Tensor] | None = None, source: str = "config"):
         super().__init__()
@@ -188,7 +191,7 @@ class LuminaDiMOO(MaskedBase):
         side = image_size // PATCH
         self.grid = (side, side)
         self.num_tokens, self.codebook_size, self.mask_id, self.dim = side * side, CODEBOOK, CODEBOOK, cfg.d_model
-        self.prompt_len = prompt_len
+        self.prompt_len, self.image_size, self.uncond_prompt = prompt_len, image_size, list(uncond_prompt)
         self.pad_id = PAD if cfg.pad_token_id is None else cfg.pad_token_id
         self.llada = llada
         self.decoder = decoder
@@ -206,6 +209,15 @@ class LuminaDiMOO(MaskedBase):
     @property
     def image_positions(self) -> torch.Tensor:
         return self._image_positions
+
+    def config(self) -> dict:
+        """The builder config that rebuilds this (unloaded) module from the project's checkpoint."""
+        dtype = next(self.llada.parameters()).dtype
+        return {"kind": "dimoo", "llada": self.llada.config.to_diff_dict(), "dtype": str(dtype).removeprefix("torch."),
+                "image_size": self.image_size, "prompt_len": self.prompt_len, "uncond_prompt": self.uncond_prompt}
+
+    def transformer_parameters(self) -> int:
+        return sum(p.numel() for p in self.llada.parameters())
 
     def pad_prompts(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Tokenized prompts (lists of ids) -> the condition tensor [B, P], left-padded."""
@@ -309,13 +321,36 @@ def load_dimoo(path: str | Path, *, image_size: int = 1024, prompt_len: int, unc
     return base.to(device).eval().requires_grad_(False)
 
 
-_CONFIG_KEYS = {"kind", "hash", "path", "image_size", "prompt_len", "uncond_prompt", "vq"}
+def prompt_text(prompt: str | None) -> str:
+    """The published text-to-image template around a prompt; None: the unconditional one."""
+    return f"<system>{SYSTEM_PROMPT}</system><user>{'<uncondition>' if prompt is None else prompt}</user>"
+
+
+def tokenize_prompts(folder: str | Path, prompts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+    """(ids of each prompt's template, ids of the unconditional template), tokenized by the
+    checkpoint's own text tokenizer as the published code calls it (its default special tokens,
+    no truncation, no padding)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    ids = tokenizer([prompt_text(p) for p in prompts], truncation=False, padding=False)["input_ids"]
+    return [list(x) for x in ids], list(tokenizer(prompt_text(None), truncation=False, padding=False)["input_ids"])
+
+
+_CONFIG_KEYS = {"kind", "hash", "path", "llada", "dtype", "image_size", "prompt_len", "uncond_prompt", "vq"}
 
 
 def build_dimoo(config: dict) -> LuminaDiMOO:
-    """Registry builder: the published weights from config["path"] (a local folder); with "vq" (the
-    folder holding vqvae/, usually the same one) the published VQ decoder too."""
+    """Registry builder. With config["path"] (a local folder): the published weights, loaded. With
+    config["llada"] (the project's checkpoint, written by `config()`): the architecture unloaded,
+    on uninitialised memory that `load_base` fills. With "vq" (the folder holding vqvae/, usually
+    the published one) the published VQ decoder too."""
     if unknown := sorted(set(config) - _CONFIG_KEYS):
         raise ValueError(f"dimoo config: unknown keys {unknown}; known: {sorted(_CONFIG_KEYS)}")
-    return load_dimoo(config["path"], image_size=config.get("image_size", 1024), prompt_len=config["prompt_len"],
-                      uncond_prompt=config["uncond_prompt"], decoder=VQDecoder(config["vq"]) if "vq" in config else None)
+    options = dict(image_size=config.get("image_size", 1024), prompt_len=config["prompt_len"],
+                   uncond_prompt=config["uncond_prompt"], decoder=VQDecoder(config["vq"]) if "vq" in config else None)
+    if "path" in config:
+        return load_dimoo(config["path"], **options)
+    with torch.device("meta"):  # no memory (nor random init) for weights about to be loaded
+        llada = LLaDAModelLM(LLaDAConfig(**config["llada"])).to(getattr(torch, config.get("dtype", "float32")))
+    return LuminaDiMOO(llada.to_empty(device="cpu"), source="the base checkpoint's llada config", **options)
