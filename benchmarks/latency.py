@@ -52,6 +52,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     p = load_params(f"profiles/{args.profile}.yaml" if args.profile else "params.yaml")
+    if p.is_text_to_image:
+        parser.error("this benchmark conditions on classes; a text-to-image base is timed by the sample stage "
+                     "(latency_ms in data/samples/*/info.json)")
+    if args.random and p.is_published:
+        parser.error("--random builds the tiny MaskGIT of a trained profile; time a published base after `dvc repro base`")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base, shortcut = models(args, p, dev)
     B, L = args.batch, base.num_tokens
@@ -70,7 +75,7 @@ def main() -> None:
         print(f"one step, both CFG branches, head included: base {full:.3f} ms/img, shortcut {short:.3f} ms/img, "
               f"ratio {short / full:.3f}")
 
-        rule = SamplingRule(steps=args.steps, cfg=p.sampling.cfg, tau=p.sampling.tau)
+        rule = SamplingRule(**{**p.sampling.model_dump(), "steps": args.steps})
         ids = list(range(B))
 
         def run(budget):
