@@ -16,6 +16,7 @@ import json
 import time
 import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -87,9 +88,18 @@ def reference(p, dev) -> tuple[dict, dict]:
     return {**extractors, "logits": classifier}, real_feats
 
 
-def fid_rows(p, base, sets: dict, dev) -> tuple[list[dict], Callable, dict, str]:
-    """Image datasets: FID (with intervals), KID, precision/recall, IS, class accuracy per set.
-    Returns (rows, paired difference of two sets' FIDs, summary, the report's note)."""
+@dataclass
+class Scores:
+    """The quality of every sample set, as the report needs it."""
+
+    rows: list[dict]  # one per set: its info.json and its metrics
+    difference: Callable[[str, str], dict]  # set a minus set b, paired: {difference, ci_low, ci_high}
+    summary: dict
+    note: str  # ends the report table's caption
+
+
+def fid_scores(p, base, sets: dict, dev) -> Scores:
+    """Image datasets: FID (with intervals), KID, precision/recall, IS, class accuracy per set."""
     e = p.evaluate
     extractors, real_feats = reference(p, dev)
     dataset_stats = reference_dataset_stats(p.data.root) if p.is_published else None
@@ -121,10 +131,10 @@ def fid_rows(p, base, sets: dict, dev) -> tuple[list[dict], Callable, dict, str]
 
     features = "Inception" if p.is_published else "domain-feature"
     note = f"{features} FID. Noise floor (FID between two halves of the real reference set): {floor:.2f}."
-    return rows, difference, {"noise_floor_fid": floor, "num_reference": len(real_feats[""])}, note
+    return Scores(rows, difference, {"noise_floor_fid": floor, "num_reference": len(real_feats[""])}, note)
 
 
-def clip_rows(p, base, sets: dict, dev) -> tuple[list[dict], Callable, dict, str]:
+def clip_scores(p, base, sets: dict, dev) -> Scores:
     """Text to image: CLIPScore of every image against its prompt. Every set draws the same prompts
     in the same order, so two sets compare image by image (a paired bootstrap of the differences)."""
     prompts, scorer, e = read_json(PROMPTS)["eval"], ClipScore(p.evaluate.clip_model, dev), p.evaluate
@@ -141,7 +151,7 @@ def clip_rows(p, base, sets: dict, dev) -> tuple[list[dict], Callable, dict, str
         return {"difference": m["mean"], "ci_low": m["ci_low"], "ci_high": m["ci_high"]}
 
     note = f"CLIPScore ({p.evaluate.clip_model}) of each image against its prompt, {len(prompts)} prompts."
-    return rows, difference, {"num_prompts": len(prompts)}, note
+    return Scores(rows, difference, {"num_prompts": len(prompts)}, note)
 
 
 def main() -> None:
@@ -150,12 +160,12 @@ def main() -> None:
     base = load_base(BASE_MODEL, dev)
     sets = {s.name: load_sample_set(s.name, p.sample.num_samples, base.num_tokens) for s in p.sample.settings()}
     quality = CLIP_SCORE if p.is_text_to_image else FID
-    rows, difference, summary, note = (clip_rows if p.is_text_to_image else fid_rows)(p, base, sets, dev)
-    q = quality.key
-    rows = add_comparisons(rows, p.sampling.steps, quality)
+    scores = (clip_scores if p.is_text_to_image else fid_scores)(p, base, sets, dev)
+    q, summary = quality.key, scores.summary
+    rows = add_comparisons(scores.rows, p.sampling.steps, quality)
     for row in rows:  # paired test against the vanilla point this configuration is faster than
         if (other := slowest_beaten_vanilla(rows, row)) is not None:
-            d = difference(row["name"], other["name"])
+            d = scores.difference(row["name"], other["name"])
             # dominates: even the interval's least favourable end is better than that vanilla point
             least = d["ci_low"] if quality.higher_is_better else d["ci_high"]
             row |= {"faster_than": other["name"], f"{q}_minus_slower_vanilla": d["difference"],
@@ -165,7 +175,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     pareto_plot(rows, OUT / "pareto.png", f"{p.data.dataset}: {quality.label} vs latency ({p.sample.num_samples} samples each)",
                 quality)
-    (OUT / "report.md").write_text(markdown_table(rows, p.sampling.steps, quality, note))
+    (OUT / "report.md").write_text(markdown_table(rows, p.sampling.steps, quality, scores.note))
     write_json(OUT / "pareto.json", [{k: r[k] for k in ("name", "sampler", "steps", "budget", "latency_ms", q)} for r in rows])
     summary["seconds"] = time.perf_counter() - start
     write_json(OUT / "metrics.json", {"summary": summary, **{r["name"]: r for r in rows}})
