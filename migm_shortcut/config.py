@@ -65,13 +65,15 @@ PUBLISHED_FILES = {
 }
 OPTIONAL_FILES = {"maskgit-imagenet": {"vqgan_yaml": "model.yaml beside the VQGAN's last.ckpt (its sizes; "
                                                      "without it taming's f16/1024 defaults)"}}
+
+
 def _file_keys(name: str) -> dict[str, str]:
     """Every file key a base may name (required, then optional) -> what to put there."""
     return {**PUBLISHED_FILES.get(name, {}), **OPTIONAL_FILES.get(name, {})}
 
 
 PATCH = {"tiny-maskgit": 4, "maskgit-imagenet": 16, "dimoo": 16}  # image pixels per token side
-DIMOO_CODEBOOK = 8192
+DIMOO_CODEBOOK = 8192  # bases/dimoo.py's CODEBOOK, restated: the config stays free of torch and transformers
 
 
 class PublishedBase(Section):

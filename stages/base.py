@@ -32,8 +32,9 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def load_published(p):
-    b, files = p.base, {k: path for k, (path, _) in p.published_files().items()}
+def load_published(p, files: dict[str, str]):
+    """The published base, checked against params.yaml, and what its checkpoint config adds."""
+    b = p.base
     if b.name == "dimoo":
         base = load_dimoo(files["model"], image_size=p.data.image_size, prompt_len=b.published.prompt_len,
                           uncond_prompt=load_prompt_ids()["uncond"])
@@ -55,7 +56,7 @@ def load_published(p):
 
 def import_published(p) -> None:
     b, files = p.base, {k: path for k, (path, _) in p.published_files().items()}
-    base, extra = load_published(p)
+    base, extra = load_published(p, files)
     config = {**base.config(), **extra, "hash": weights_hash(base.state_dict())}
     save_base(base, MODEL, config)
     metrics = {"transformer_parameters": base.transformer_parameters(), "imported": True}

@@ -36,14 +36,15 @@ def tokenize(p) -> dict:
     from migm_shortcut.bases.dimoo import tokenize_prompts  # transformers: imported only when needed
 
     prompts, limit = read_json(PROMPTS), p.base.published.prompt_len
-    folder = p.published_files()["model"][0]
-    out, info = {}, {}
+    # One tokenizer load and one call for every prompt set, split again below.
+    ids, uncond = tokenize_prompts(p.published_files()["model"][0], [t for texts in prompts.values() for t in texts])
+    out, info, first = {}, {}, 0
     for name, texts in prompts.items():
-        out[name], uncond = tokenize_prompts(folder, texts)
-        if too_long := [i for i, ids in enumerate(out[name]) if len(ids) > limit]:
+        out[name], first = ids[first : first + len(texts)], first + len(texts)
+        if too_long := [i for i, x in enumerate(out[name]) if len(x) > limit]:
             raise SystemExit(f"error: base.published.prompt_len={limit}: {len(too_long)} prompts of {p.data.root}/{name}.txt "
-                             f"are longer once tokenized (lines {[i + 1 for i in too_long[:5]]}: up to "
-                             f"{max(len(out[name][i]) for i in too_long)} ids); raise it or shorten them")
+                             f"are longer once tokenized (prompts {[i + 1 for i in too_long[:5]]}, counting non-empty "
+                             f"lines: up to {max(len(out[name][i]) for i in too_long)} ids); raise it or shorten them")
         info[f"{name}_prompt_ids_max"] = max(map(len, out[name]))
     write_json(PROMPT_IDS, {**out, "uncond": uncond})
     return info
