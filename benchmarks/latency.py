@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from migm_shortcut.bases import build_base, load_base  # noqa: E402
 from migm_shortcut.config import load_params  # noqa: E402
-from migm_shortcut.metrics import fixed_threads, measure_latency  # noqa: E402
-from migm_shortcut.sampling import Learned, SamplingRule, generate  # noqa: E402
+from migm_shortcut.metrics import measure_latency  # noqa: E402
+from migm_shortcut.sampling import Learned, SamplingRule, fixed_threads, generate_on_cores  # noqa: E402
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec  # noqa: E402
 
 
@@ -79,7 +79,8 @@ def main() -> None:
         ids = list(range(B))
 
         def run(budget):
-            return lambda: generate(base, rule, cond, ids, 0, budget=budget, source=Learned(shortcut, base))
+            return lambda: generate_on_cores(args.threads, base, rule, cond, ids, 0, budget=budget,
+                                             source=lambda: Learned(shortcut, base))  # as the sample stage runs it
 
         vanilla = measure_latency(run(None), **timing)["median_ms_per_image"]
         print(f"vanilla N={args.steps}: {vanilla:.2f} ms/img")

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .bases.contract import MaskedBase
-from .sampling import SamplingRule, generate
+from .sampling import SamplingRule, generate_on_cores
 from .store import TrajectoryStore
 
 
@@ -36,10 +36,11 @@ def open_store(url: str, base: MaskedBase, rule: SamplingRule, *, num_samples: i
 
 def extract(store: TrajectoryStore, base: MaskedBase, rule: SamplingRule, *, batch_size: int, worker: int = 0,
             num_workers: int = 1, device: torch.device = torch.device("cpu"), progress: bool = True,
-            prompts: torch.Tensor | None = None) -> dict:
+            prompts: torch.Tensor | None = None, cores: int = 1) -> dict:
     """Fill this worker's pending units; return what was done and how fast.
 
-    prompts [num_samples, P]: the padded prompt ids of a text-to-image base (sample i gets row i)."""
+    prompts [num_samples, P]: the padded prompt ids of a text-to-image base (sample i gets row i).
+    cores: on a CPU, the CPU threads that sample slices of each batch side by side (`generate_on_cores`)."""
     seed, num_classes = store.meta["seed"], store.meta["num_classes"]
     units = store.pending_units(worker, num_workers)
     todo = sum(len(store.unit_range(u)) for u in units)
@@ -50,7 +51,7 @@ def extract(store: TrajectoryStore, base: MaskedBase, rule: SamplingRule, *, bat
         for first in range(samples.start, samples.stop, batch_size):
             ids = range(first, min(first + batch_size, samples.stop))
             labels = labels_for(ids, num_classes) if prompts is None else prompts[ids.start : ids.stop]
-            out = generate(base, rule, labels.to(device), list(ids), seed, record=True)
+            out = generate_on_cores(cores, base, rule, labels.to(device), list(ids), seed, record=True)
             store.write_batch(first, out.features.numpy(), out.tokens.cpu(), out.order.cpu(), labels)
             bar.update(len(ids))
         store.mark_done(unit)

@@ -25,7 +25,7 @@ from migm_shortcut.bases import load_base
 from migm_shortcut.data import reference_dataset_stats, to_float
 from migm_shortcut.images import to_uint8
 from migm_shortcut.metrics import (ClassifierFeatures, ClipScore, InceptionFeatures, bootstrap_fids, compute_metrics,
-                                   extract_features, fid, fid_interval, fid_to_stats, mean_interval, noise_floor,
+                                   extract_features, fid, fid_interval, fid_to_stats, knn_radii, mean_interval, noise_floor,
                                    paired_fid_difference)
 from migm_shortcut.report import CLIP_SCORE, FID, add_comparisons, markdown_table, pareto_plot, slowest_beaten_vanilla
 
@@ -104,6 +104,7 @@ def fid_scores(p, base, sets: dict, dev) -> Scores:
     extractors, real_feats = reference(p, dev)
     dataset_stats = reference_dataset_stats(p.data.root) if p.is_published else None
     floor = noise_floor(real_feats[""])
+    radii = knn_radii(real_feats[""])  # the reference's k-NN balls, for every set's precision
     rows, bootstraps = [], {}
     for name, (info, arrays) in sets.items():
         feats = decoded_features(base, arrays["tokens"], extractors, dev, decode_batch(p))
@@ -114,7 +115,8 @@ def fid_scores(p, base, sets: dict, dev) -> Scores:
                 row[f"{prefix}fid"] = fid(real_feats[prefix], feats[prefix])
                 continue
             row |= compute_metrics(real_feats[""], feats[""], fake_logits=logits, labels=labels,
-                                   kid_subset_size=min(e.kid_subset_size, len(feats[""]), len(real_feats[""])))
+                                   kid_subset_size=min(e.kid_subset_size, len(feats[""]), len(real_feats[""])),
+                                   real_radii=radii)
             # Same seed for every set: the resamples of two sets are paired (see paired_fid_difference).
             bootstraps[name] = bootstrap_fids(real_feats[""], feats[""], resamples=e.bootstrap)
             row |= fid_interval(*bootstraps[name])

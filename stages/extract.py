@@ -11,6 +11,8 @@ torchrun rank 0 creates the store, each rank is one worker, and rank 0 writes th
 import argparse
 import shutil
 
+import torch
+
 from migm_shortcut import distributed
 from migm_shortcut.bases import load_base
 from migm_shortcut.extract import extract, merge_stats, open_store, store_bytes
@@ -57,7 +59,7 @@ def main(argv=None) -> None:
     # Text to image: trajectory i gets train prompt i (params() checked there are enough); else class i mod C.
     prompts = prompt_conditions(base, "train")[: store.num_samples] if p.is_text_to_image else None
     stats = extract(store, base, sampling_rule(p), batch_size=p.extract.batch_size, worker=args.worker,
-                    num_workers=args.workers, device=dev, prompts=prompts)
+                    num_workers=args.workers, device=dev, prompts=prompts, cores=torch.get_num_threads())
     stats = merge_stats(distributed.gather(stats))  # waits for every rank: then all units are written
     if not distributed.is_main():
         return

@@ -8,7 +8,8 @@ index of the eval prompt), a grid of decoded samples of the first classes (promp
 tokens batch by batch (50k samples at 512 px would be 39 GB of pixels per configuration). Latency is
 timed on the sampling itself, batch by batch at `sample.batch_size`: warm-up batches dropped (they
 also absorb `sample.compile`'s compilation), median of the rest, per image, with and without the
-decoder; a last partial batch is sampled but not timed.
+decoder; a last partial batch is sampled but not timed. On a CPU each of `sample.threads` threads
+samples a slice of every batch (`generate_on_cores`), so a latency is the wall time of the whole batch.
 Folders appear whole (written under a temporary name, then renamed) and carry a fingerprint of
 everything that made them (configuration, sampling rule, models): a rerun skips the folders that
 are already right, so a killed or sharded run resumes, and `dvc repro` after workers filled the
@@ -28,8 +29,8 @@ from tqdm import tqdm
 from migm_shortcut.bases import load_base
 from migm_shortcut.config import SamplerSetting
 from migm_shortcut.images import save_grid, to_uint8
-from migm_shortcut.metrics import fixed_threads, measure_latency
-from migm_shortcut.sampling import Extrapolate, FeatureSource, Learned, Reuse, generate
+from migm_shortcut.metrics import measure_latency
+from migm_shortcut.sampling import Extrapolate, FeatureSource, Learned, Reuse, fixed_threads, generate_on_cores
 
 from .base import MODEL as BASE_MODEL
 from .common import DATA, decode_batch, device, params, sampling_rule, write_json
@@ -61,7 +62,8 @@ def conditions(p, base) -> tuple[torch.Tensor, torch.Tensor]:
 def fingerprint(setting: SamplerSetting, p, base, shortcut_id: str | None, cond: torch.Tensor) -> str:
     inputs = {"setting": setting.model_dump(), "rule": vars(sampling_rule(p, setting.steps)),
               "sample": p.sample.model_dump(exclude={"vanilla_steps", "shortcut", "baselines", "baseline_steps"}),
-              "base": base.base_id, "shortcut": shortcut_id if setting.sampler == "shortcut" else None}
+              "base": base.base_id, "shortcut": shortcut_id if setting.sampler == "shortcut" else None,
+              "timing": "batch wall time; on a CPU a slice of the batch per thread"}  # a new method re-times every set
     if p.is_text_to_image:  # the prompts are not fixed by the params alone
         inputs["prompts"] = hashlib.sha256(cond.numpy().tobytes()).hexdigest()
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
@@ -90,10 +92,12 @@ def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: flo
                 labels: torch.Tensor, cond: torch.Tensor) -> dict:
     rule, s = sampling_rule(p, setting.steps), p.sample
     amp = torch.bfloat16 if dev.type == "cuda" else None
+    cores = 1 if s.compile else s.threads  # a compiled forward is not called from several threads at once
 
     def sample(ids: range):
-        return generate(base, rule, cond[ids.start : ids.stop].to(dev), list(ids), s.seed, budget=setting.budget,
-                        source=feature_source(setting.sampler, base, shortcut), autocast_dtype=amp)
+        return generate_on_cores(cores, base, rule, cond[ids.start : ids.stop].to(dev), list(ids), s.seed,
+                                 budget=setting.budget, source=lambda: feature_source(setting.sampler, base, shortcut),
+                                 autocast_dtype=amp)
 
     # The timed repeats are the sampling itself: batch after batch of the same size, the first
     # `warmup_batches` untimed (their samples are kept all the same).
@@ -108,11 +112,10 @@ def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: flo
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     start = time.perf_counter()
-    with fixed_threads(s.threads):
-        latency = measure_latency(next_batch, warmup=s.warmup_batches, repeats=s.num_samples // s.batch_size - s.warmup_batches,
-                                  batch_size=s.batch_size, device=dev)
-        if s.num_samples % s.batch_size:
-            next_batch()
+    latency = measure_latency(next_batch, warmup=s.warmup_batches, repeats=s.num_samples // s.batch_size - s.warmup_batches,
+                              batch_size=s.batch_size, device=dev)
+    if s.num_samples % s.batch_size:
+        next_batch()
     seconds = time.perf_counter() - start
     bar.close()
     tokens = torch.cat(tokens)

@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from migm_shortcut import metrics
+from migm_shortcut.sampling import fixed_threads
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
     # These problems are tiny: with 2 threads on a busy 2-core machine OpenMP waits dominate
     # (measured 5-10x slower), so the timing budget holds only single-threaded.
-    with metrics.fixed_threads(1):
+    with fixed_threads(1):
         yield
 
 
@@ -87,6 +88,16 @@ def test_precision_recall_of_identical_sets_is_one():
     assert far == {"precision": 0.0, "recall": 0.0}
 
 
+def test_precision_recall_with_the_reference_radii_computed_once():
+    real, radii = _features(600, 32, 0), None
+    for seed, shift in [(1, 0.0), (2, 0.3)]:
+        fake = _features(400, 32, seed, shift=shift)
+        radii = metrics.knn_radii(real) if radii is None else radii
+        once = metrics.precision_recall(real, fake, real_radii=radii)
+        assert once == metrics.precision_recall(real, fake)
+        assert 0 < once["precision"] < 1 and 0 < once["recall"] < 1
+
+
 def test_kid_is_near_zero_for_same_distribution_and_positive_for_shift():
     real = _features(800, 32, 0)
     same, _ = metrics.kid(real, _features(800, 32, 5), subset_size=300, subsets=10)
@@ -118,13 +129,6 @@ def test_latency_excludes_warmup_and_is_sane():
     assert out["repeats"] == 5
     assert 0 < out["p10"] <= out["median_ms_per_image"] <= out["p90"] < 1000
     assert out["std"] >= 0
-
-
-def test_fixed_threads_restores():
-    before = torch.get_num_threads()
-    with metrics.fixed_threads(2):
-        assert torch.get_num_threads() == 2
-    assert torch.get_num_threads() == before
 
 
 def test_resize_matches_fid_helper_bilinear():

@@ -7,7 +7,8 @@ import torch
 from tiny_models import SHORTCUT_SPEC, make_base, make_shortcut, one_thread  # noqa: F401 (autouse fixture)
 
 from migm_shortcut.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
-from migm_shortcut.sampling import Extrapolate, FeatureSource, Learned, Reuse, SamplingRule, StepState, generate
+from migm_shortcut.sampling import (Extrapolate, FeatureSource, Learned, Reuse, SamplingRule, StepState, fixed_threads, generate,
+                                    generate_on_cores)
 from migm_shortcut.schedules import refresh_steps, reveal_counts
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec
 
@@ -149,6 +150,27 @@ def test_sample_does_not_depend_on_its_batch(base, shortcut, budget):
     assert torch.equal(single.tokens[0], whole.tokens[4])
     # rows of one batch differ: samples are not copies of each other
     assert len({tuple(t.tolist()) for t in whole.tokens}) == 6
+
+
+@pytest.mark.parametrize("kind", ["shortcut", "extrapolate"])
+def test_batch_split_over_cores_samples_what_one_call_samples(base, shortcut, kind):
+    # extrapolation keeps state across steps: each slice needs its own source, or slices would mix
+    make = {"shortcut": lambda: Learned(shortcut, base), "extrapolate": Extrapolate}[kind]
+    rule, ids = SamplingRule(steps=6, cfg=1.0, tau=4.5), [3, 9, 1, 4, 0]
+    whole = generate(base, rule, labels(5), ids, SEED, budget=3, source=make(), record=True)
+    threads = torch.get_num_threads()
+    split = generate_on_cores(2, base, rule, labels(5), ids, SEED, budget=3, source=make, record=True)
+    assert torch.get_num_threads() == threads
+    assert torch.equal(split.tokens, whole.tokens) and torch.equal(split.order, whole.order)
+    torch.testing.assert_close(split.features, whole.features, rtol=0, atol=1e-5)
+    assert generate_on_cores(2, base, rule, labels(1), [7], SEED, budget=3, source=make).tokens.shape == (1, base.num_tokens)
+
+
+def test_fixed_threads_restores():
+    before = torch.get_num_threads()
+    with fixed_threads(2):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == before
 
 
 # (d) every position committed exactly once, on schedule
