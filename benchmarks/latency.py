@@ -5,8 +5,10 @@
 
 Prints (1) the cost of one step: base forward + head vs shortcut + head, both CFG branches, and
 their ratio (the paper's shortcut costs about 3% of its base); (2) per-image latency of vanilla N
-and of the shortcut at several budgets, with the speedup and its N/B limit. Warm-up dropped,
-median of repeats, threads fixed; CUDA timers synchronised.
+and of the shortcut at several budgets, with the speedup and its N/B limit, sampled as the sample
+stage samples (on a CPU: a slice of the batch per thread), and on a CPU vanilla N once more with the
+whole batch on all threads, for the gain of slicing. Warm-up dropped, median of repeats, threads
+fixed; CUDA timers synchronised.
 """
 
 import argparse
@@ -20,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from migm_shortcut.bases import build_base, load_base  # noqa: E402
 from migm_shortcut.config import load_params  # noqa: E402
 from migm_shortcut.metrics import measure_latency  # noqa: E402
-from migm_shortcut.sampling import Learned, SamplingRule, fixed_threads, generate_on_cores  # noqa: E402
+from migm_shortcut.sampling import Learned, SamplingRule, fixed_threads, generate, generate_on_cores  # noqa: E402
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec  # noqa: E402
 
 
@@ -45,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", help="read sizes from profiles/NAME.yaml instead of params.yaml")
     parser.add_argument("--random", action="store_true", help="untrained models of the profile's sizes")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, help="default: the profile's sample.batch_size")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--budgets", type=int, nargs="+", default=[4, 6, 8])
     parser.add_argument("--repeats", type=int, default=5)
@@ -59,7 +61,7 @@ def main() -> None:
         parser.error("--random builds the tiny MaskGIT of a trained profile; time a published base after `dvc repro base`")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base, shortcut = models(args, p, dev)
-    B, L = args.batch, base.num_tokens
+    B, L = args.batch or p.sample.batch_size, base.num_tokens
     cond = torch.arange(B, device=dev) % 10
     tokens = torch.randint(0, base.codebook_size, (2 * B, L), device=dev)
     both = torch.cat([cond, base.uncond(cond)])
@@ -84,6 +86,10 @@ def main() -> None:
 
         vanilla = measure_latency(run(None), **timing)["median_ms_per_image"]
         print(f"vanilla N={args.steps}: {vanilla:.2f} ms/img")
+        if dev.type == "cpu" and args.threads > 1:
+            whole = measure_latency(lambda: generate(base, rule, cond, ids, 0), **timing)["median_ms_per_image"]
+            print(f"  the same, the whole batch on {args.threads} intra-op threads instead of a slice per thread: "
+                  f"{whole:.2f} ms/img ({whole / vanilla:.2f}x the time)")
         for b in args.budgets:
             t = measure_latency(run(b), **timing)["median_ms_per_image"]
             print(f"shortcut N={args.steps} B={b}: {t:.2f} ms/img, speedup {vanilla / t:.2f}x "
