@@ -184,7 +184,7 @@ def generate_on_cores(cores: int, base: MaskedBase, rule: SamplingRule, cond: to
     """`generate` with the batch cut into `cores` slices that run side by side, one CPU thread each.
 
     A small base's ops are too short to share well between cores, and a whole batch's activations
-    spill out of cache: on a 2-core CPU two one-thread halves sample about 1.5x faster than the whole
+    spill out of cache: on a 2-core CPU two one-thread halves sample about 1.4x faster than the whole
     batch on two threads (BENCHMARKS.md). Every sample has its own generator, so the result is the
     same as one `generate` call; `source` makes a fresh feature source for each slice. On a GPU, or
     with one core, it is one `generate` call.
