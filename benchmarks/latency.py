@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from migm_shortcut.bases import build_base, load_base  # noqa: E402
 from migm_shortcut.config import load_params  # noqa: E402
 from migm_shortcut.metrics import measure_latency  # noqa: E402
-from migm_shortcut.sampling import Learned, SamplingRule, fixed_threads, generate, generate_on_cores  # noqa: E402
+from migm_shortcut.sampling import Learned, fixed_threads, generate, generate_on_cores  # noqa: E402
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec  # noqa: E402
+from stages.common import sampling_rule  # noqa: E402
 
 
 def models(args, p, dev):
@@ -77,7 +78,7 @@ def main() -> None:
         print(f"one step, both CFG branches, head included: base {full:.3f} ms/img, shortcut {short:.3f} ms/img, "
               f"ratio {short / full:.3f}")
 
-        rule = SamplingRule(**{**p.sampling.model_dump(), "steps": args.steps})
+        rule = sampling_rule(p, args.steps)  # the profile's whole rule, as the stages build it
         ids = list(range(B))
 
         def run(budget):

@@ -189,7 +189,7 @@ def generate_on_cores(cores: int, base: MaskedBase, rule: SamplingRule, cond: to
     same as one `generate` call; `source` makes a fresh feature source for each slice. On a GPU, or
     with one core, it is one `generate` call.
     """
-    if cores == 1 or cond.device.type != "cpu" or len(cond) < 2:
+    if cores == 1 or cond.device.type != "cpu":
         return generate(base, rule, cond, sample_ids, seed, source=source(), **options)
     slices = [s for s in torch.arange(len(cond)).tensor_split(cores) if len(s)]
 
