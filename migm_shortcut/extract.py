@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .bases.contract import MaskedBase
-from .sampling import SamplingRule, generate_on_cores
+from .sampling import SamplingRule, generate_on_cores, sampling_autocast
 from .store import TrajectoryStore
 
 
@@ -51,7 +51,8 @@ def extract(store: TrajectoryStore, base: MaskedBase, rule: SamplingRule, *, bat
         for first in range(samples.start, samples.stop, batch_size):
             ids = range(first, min(first + batch_size, samples.stop))
             labels = labels_for(ids, num_classes) if prompts is None else prompts[ids.start : ids.stop]
-            out = generate_on_cores(cores, base, rule, labels.to(device), list(ids), seed, record=True)
+            out = generate_on_cores(cores, base, rule, labels.to(device), list(ids), seed, record=True,
+                                    autocast_dtype=sampling_autocast(device))
             store.write_batch(first, out.features.numpy(), out.tokens.cpu(), out.order.cpu(), labels)
             bar.update(len(ids))
         store.mark_done(unit)

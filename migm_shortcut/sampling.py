@@ -6,8 +6,8 @@ previous feature and the tokens just committed. Everything after the feature —
 categorical draw, the annealed Gumbel confidence and the mask schedule — is the same code for every
 sampler, so with B = N any source gives exactly the vanilla sampler.
 
-Randomness comes from one generator per sample, seeded by (seed, sample index) and consumed in the
-same order whatever the batch: a sample's result does not depend on how the work was batched.
+Randomness is hashed from (seed, sample index, step, position) where the sampling runs
+(`noise.py`): a sample's result does not depend on how the work was batched.
 """
 
 from collections.abc import Callable, Iterator
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .bases.contract import MaskedBase
+from .noise import sample_keys, uniforms
 from .schedules import REVEAL, cfg_weight, noise_scale, refresh_steps
 
 
@@ -44,8 +45,9 @@ class StepState:
     step: int
     steps: int
     prev_feature: torch.Tensor  # f of the previous step, both branches [2B, S, D]
-    tokens: torch.Tensor  # current tokens, both branches [2B, L] (mask_id where masked)
-    new_mask: torch.Tensor  # positions committed at the previous step [2B, L]
+    tokens: torch.Tensor  # current tokens, one branch [B, L] (mask_id where masked)
+    new_ids: torch.Tensor  # tokens committed at the previous step, both branches [2B, R]
+    new_positions: torch.Tensor  # their image token indices [2B, R]
     mask_ratio: torch.Tensor  # fraction of image tokens still masked in the current state [2B]
     cond: torch.Tensor | None = None  # conditions of both branches [2B, ...] (cond, then uncond)
 
@@ -91,17 +93,28 @@ class Extrapolate(FeatureSource):
 
 
 class Learned(FeatureSource):
-    """The MIGM-Shortcut: a small model predicts f_t from f_{t-1}, the new tokens and the mask ratio."""
+    """The MIGM-Shortcut: a small model predicts f_t from f_{t-1}, the new tokens and the mask ratio.
+
+    It sees only the tokens committed at the previous step, gathered (no mask over all L), and the
+    base's context for the run's conditions is made once, not at every step."""
 
     name = "shortcut"
 
     def __init__(self, shortcut: torch.nn.Module, base: MaskedBase):
         self.shortcut, self.base = shortcut, base
+        self._context: tuple[torch.Tensor, object] | None = None  # (conditions, their context)
+
+    def _context_for(self, cond: torch.Tensor | None):
+        if cond is None:
+            return None
+        if self._context is None or self._context[0] is not cond:
+            self._context = (cond, self.base.shortcut_context(cond))
+        return self._context[1]
 
     def predict(self, state: StepState) -> torch.Tensor:
-        new_embed = self.base.embed_tokens(state.tokens)
-        context = None if state.cond is None else self.base.shortcut_context(state.cond)
-        f = self.shortcut(state.prev_feature, new_embed, state.new_mask, state.mask_ratio, context=context)
+        new_embed = self.base.embed_tokens(state.new_ids, state.new_positions)
+        f = self.shortcut(state.prev_feature, new_embed, None, state.mask_ratio,
+                          context=self._context_for(state.cond), new_positions=state.new_positions)
         return f.to(state.prev_feature.dtype)
 
 
@@ -113,59 +126,101 @@ class SampleOutput:
 
 
 def _gumbel(u: torch.Tensor) -> torch.Tensor:
-    return -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
+    return -torch.log(-torch.log(u))
+
+
+def draw(guided: torch.Tensor, u_draw: torch.Tensor, u_conf: torch.Tensor, tau: float
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One categorical draw per row of logits [B, M, K] by inverting its CDF at `u_draw` [B, M],
+    and its confidence log p(drawn) + tau * Gumbel(u_conf): (tokens [B, M], confidence [B, M]).
+
+    One uniform per position instead of K (Gumbel-max): the same distribution at 1/K the noise."""
+    probs = torch.softmax(guided, dim=-1)
+    cdf = probs.cumsum(-1)
+    drawn = torch.searchsorted(cdf, (u_draw * cdf[..., -1])[..., None]).clamp_(max=guided.shape[-1] - 1)
+    logp = torch.log(probs.gather(-1, drawn))[..., 0]
+    return drawn[..., 0], logp + tau * _gumbel(u_conf)
+
+
+@dataclass
+class Commit:
+    """The outcome of one step: what was committed, and what stays masked."""
+
+    positions: torch.Tensor  # image token indices committed at this step [B, R]
+    ids: torch.Tensor  # their tokens [B, R]
+    masked: torch.Tensor  # image token indices still masked after it [B, M - R]
+
+
+def commit_step(base: MaskedBase, rule: SamplingRule, f: torch.Tensor, masked: torch.Tensor,
+                keys: torch.Tensor, step: int, count: int, amp=nullcontext()) -> Commit:
+    """The sampler's own work at one step, after the feature: the head at the still-masked
+    positions `masked` [B, M] of both branches of f [2B, S, D], CFG, temperature, the draws and the
+    confidence noise (hashed from `keys`, see `noise.py`), and the choice of the `count` most
+    confident positions. The same for every feature source."""
+    N = rule.steps
+    with amp:
+        logits = base.head(f, masked.repeat(2, 1)).float()
+    c, u = logits.chunk(2)
+    w = cfg_weight(rule.cfg, step, N) if rule.ramp else rule.cfg
+    tau = noise_scale(rule.tau, step, N) if rule.ramp else rule.tau
+    drawn, conf = draw(((1 + w) * c - w * u) / rule.temperature, uniforms(keys, step, masked, 0),
+                       uniforms(keys, step, masked, 1), tau)
+    ranked = conf.argsort(dim=1, descending=True)  # the first `count` are committed
+    chosen = ranked[:, :count]
+    return Commit(masked.gather(1, chosen), drawn.gather(1, chosen), masked.gather(1, ranked[:, count:]))
 
 
 @torch.no_grad()
 def generate(base: MaskedBase, rule: SamplingRule, cond: torch.Tensor, sample_ids: list[int], seed: int, *,
              budget: int | None = None, source: FeatureSource | None = None, record: bool = False,
              autocast_dtype: torch.dtype | None = None) -> SampleOutput:
-    """Sample images as token grids. `budget` = B full steps of the N = `rule.steps` (None: all)."""
-    N, L, K = rule.steps, base.num_tokens, base.codebook_size
+    """Sample images as token grids. `budget` = B full steps of the N = `rule.steps` (None: all).
+
+    Every step works only on the positions still masked: all samples of a batch have the same
+    number of them at every step (the schedule fixes it), so they are a dense [B, M] index, and
+    the head, the softmax and the draws run on M of the L positions. The noise is hashed from
+    (seed, sample index, step, position) on the sampling device (`noise.uniforms`).
+    """
+    N, L = rule.steps, base.num_tokens
     B, dev = len(cond), cond.device
     full = set(refresh_steps(N, budget or N))
     source = source or FeatureSource()
     reveal = REVEAL[rule.schedule](N, L)
-    gens = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in sample_ids]
+    keys = sample_keys(seed, torch.as_tensor(sample_ids, device=dev))
 
     tokens = torch.full((B, L), base.mask_id, dtype=torch.long, device=dev)
     order = torch.full((B, L), -1, dtype=torch.long, device=dev)
+    masked = torch.arange(L, device=dev).expand(B, L)  # image token indices still masked [B, M]
     both = torch.cat([cond, base.uncond(cond)])
-    new_mask = torch.zeros(2 * B, L, dtype=torch.bool, device=dev)
-    recorded, f = [], None
+    recorded, f, new = [], None, None
     amp = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
 
     for i in range(N):
-        masked = tokens == base.mask_id
-        tokens2 = torch.cat([tokens, tokens])
         with amp:
             if i in full:
-                f = base.features(tokens2, both)
+                f = base.features(torch.cat([tokens, tokens]), both)
                 source.observe(i, f)
             else:
-                ratio = masked.float().mean(1).repeat(2)
-                f = source.predict(StepState(i, N, f, tokens2, new_mask, ratio, both))
-            logits = base.head(f).float()
+                ratio = torch.full((2 * B,), masked.shape[1] / L, device=dev)
+                f = source.predict(StepState(i, N, f, tokens, new.ids.repeat(2, 1),
+                                             new.positions.repeat(2, 1), ratio, both))
         if record:
             recorded.append(f.to("cpu", torch.float32))
-
-        c, u = logits.chunk(2)
-        w = cfg_weight(rule.cfg, i, N) if rule.ramp else rule.cfg
-        tau = noise_scale(rule.tau, i, N) if rule.ramp else rule.tau
-        logp = torch.log_softmax(((1 + w) * c - w * u) / rule.temperature, dim=-1)
-        noise = torch.stack([torch.rand(L, K + 1, generator=g) for g in gens]).to(dev)
-        drawn = (logp + _gumbel(noise[..., :K])).argmax(-1)  # Gumbel-max = one categorical draw
-        conf = logp.gather(-1, drawn[..., None])[..., 0] + tau * _gumbel(noise[..., K])
-        conf = conf.masked_fill(~masked, -torch.inf)
-        chosen = torch.zeros_like(masked).scatter_(1, conf.topk(reveal[i], dim=1).indices, True)
-        tokens = torch.where(chosen, drawn, tokens)
-        order[chosen] = i
-        new_mask = torch.cat([chosen, chosen])
+        new = commit_step(base, rule, f, masked, keys, i, reveal[i], amp)
+        tokens = tokens.scatter(1, new.positions, new.ids)  # a new tensor: handed-out states stay
+        order.scatter_(1, new.positions, i)
+        masked = new.masked
 
     features = None
     if record:
         features = torch.stack(recorded, 1).unflatten(0, (2, B)).transpose(0, 1)
     return SampleOutput(tokens, order, features)
+
+
+def sampling_autocast(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of sampling on `device`: bf16 on CUDA, none on a CPU. Extraction records
+    trajectories under the same one, so the shortcut learns the features it will be fed."""
+    return torch.bfloat16 if device.type == "cuda" else None
 
 
 @contextmanager
@@ -179,22 +234,30 @@ def fixed_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def generate_on_cores(cores: int, base: MaskedBase, rule: SamplingRule, cond: torch.Tensor, sample_ids: list[int],
-                      seed: int, *, source: Callable[[], FeatureSource] = FeatureSource, **options) -> SampleOutput:
-    """`generate` with the batch cut into `cores` slices that run side by side, one CPU thread each.
+def generate_on_cores(threads: int, base: MaskedBase, rule: SamplingRule, cond: torch.Tensor,
+                      sample_ids: list[int], seed: int, *, slice_batch: bool = True,
+                      source: Callable[[], FeatureSource] = FeatureSource, **options) -> SampleOutput:
+    """`generate` on a CPU under exactly `threads` threads, whatever the slicing, so that every
+    latency is timed on a known thread count. On a GPU it is one `generate` call.
 
-    A small base's ops are too short to share well between cores, and a whole batch's activations
-    spill out of cache: on a 2-core CPU two one-thread halves sample about 1.4x faster than the whole
-    batch on two threads (BENCHMARKS.md). Every sample has its own generator, so the result is the
-    same as one `generate` call; `source` makes a fresh feature source for each slice. On a GPU, or
-    with one core, it is one `generate` call.
+    slice_batch: the batch is cut into `threads` slices that run side by side, one thread each. A
+    small base's ops are too short to share well between cores, and a whole batch's activations
+    spill out of cache: on a 2-core CPU two one-thread halves sample about 1.4x faster than the
+    whole batch on two threads (BENCHMARKS.md). A sample's noise depends on its index alone, so the
+    result is the same as one `generate` call; `source` makes a fresh feature source per slice.
+    Off (e.g. for a compiled forward, which is not called from several threads at once): the whole
+    batch on `threads` intra-op threads.
     """
-    if cores == 1 or cond.device.type != "cpu":
+    if cond.device.type != "cpu":
         return generate(base, rule, cond, sample_ids, seed, source=source(), **options)
-    slices = [s for s in torch.arange(len(cond)).tensor_split(cores) if len(s)]
+    slices = [s for s in torch.arange(len(cond)).tensor_split(threads if slice_batch else 1) if len(s)]
+    if len(slices) == 1:
+        with fixed_threads(threads):
+            return generate(base, rule, cond, sample_ids, seed, source=source(), **options)
 
     def run(rows: torch.Tensor) -> SampleOutput:
-        return generate(base, rule, cond[rows], [sample_ids[i] for i in rows], seed, source=source(), **options)
+        ids = [sample_ids[i] for i in rows]
+        return generate(base, rule, cond[rows], ids, seed, source=source(), **options)
 
     with fixed_threads(1), ThreadPoolExecutor(len(slices)) as pool:
         parts = list(pool.map(run, slices))

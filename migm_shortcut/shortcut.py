@@ -127,7 +127,7 @@ class ShortcutBlock(nn.Module):
         self.cross = nn.ModuleDict(dict(norm=norm(), attn=Attention(dim, heads, not llada), ffn=make_ffn(dim))) if cross_attention else None
         self.self_norm, self.self_attn, self.ffn = norm(), Attention(dim, heads, not llada), make_ffn(dim)
 
-    def forward(self, x: torch.Tensor, new: torch.Tensor, new_mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, new: torch.Tensor, new_mask: torch.Tensor | None,
                 context: ShortcutContext | None = None, key_positions: torch.Tensor | None = None) -> torch.Tensor:
         cross_rope = self_rope = self_mask = None
         if context is not None:
@@ -135,11 +135,15 @@ class ShortcutBlock(nn.Module):
             self_rope = (context.positions, context.positions, context.rope_theta)
             self_mask = context.valid[:, None, None, :]
         if self.cross is not None:
-            # A row with no new token would attend to nothing (NaN): let it see all and zero the result.
-            has_new = new_mask.any(1)
-            keys = (new_mask | ~has_new[:, None])[:, None, None, :]
             kv = self.cross.norm(new) if self.llada else new
-            x = x + self.cross.attn(self.cross.norm(x), kv, keys, cross_rope) * has_new[:, None, None].to(x.dtype)
+            if new_mask is None:  # every key is a new token (the sampler gathers them)
+                x = x + self.cross.attn(self.cross.norm(x), kv, None, cross_rope)
+            else:
+                # A row with no new token would attend to nothing (NaN): let it see all, zero the result.
+                has_new = new_mask.any(1)
+                keys = (new_mask | ~has_new[:, None])[:, None, None, :]
+                gate = has_new[:, None, None].to(x.dtype)
+                x = x + self.cross.attn(self.cross.norm(x), kv, keys, cross_rope) * gate
             x = x + self.cross.ffn(x)
         h = self.self_norm(x)
         x = x + self.self_attn(h, h, self_mask, self_rope)
@@ -174,11 +178,14 @@ class Shortcut(nn.Module):
             nn.init.zeros_(self.time[-1].weight)
             nn.init.zeros_(self.time[-1].bias)
 
-    def forward(self, f: torch.Tensor, new_embed: torch.Tensor, new_mask: torch.Tensor, mask_ratio: torch.Tensor,
-                context: ShortcutContext | None = None) -> torch.Tensor:
-        """f [B, S, D]; new_embed [B, L, D] (base embedding of the current tokens); new_mask [B, L]
-        marks the tokens committed at the previous step; mask_ratio [B] of the state predicted;
-        context: required by the DiMOO variant, refused by the MaskGIT one."""
+    def forward(self, f: torch.Tensor, new_embed: torch.Tensor, new_mask: torch.Tensor | None,
+                mask_ratio: torch.Tensor, context: ShortcutContext | None = None,
+                new_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """f [B, S, D]; new_embed [B, R, D]: base embeddings of R image tokens, at image token
+        indices `new_positions` [B, R] (None: R = L, all in order); new_mask [B, R] marks those
+        committed at the previous step (None: all of them are, as when the sampler gathers just
+        the new tokens); mask_ratio [B] of the state predicted; context: required by the DiMOO
+        variant, refused by the MaskGIT one."""
         if (context is not None) != (self.spec.variant == "dimoo"):
             raise ValueError(f"shortcut variant {self.spec.variant!r} "
                              f"{'needs' if context is None else 'takes no'} base context (rotary positions, prompt)")
@@ -188,8 +195,13 @@ class Shortcut(nn.Module):
         if context is not None:  # keys = prompt tokens, then the image tokens, at their own positions
             if new is not None:
                 new = torch.cat([self.down_new(context.prompt.to(new_embed.dtype)), new], 1)
+            image = context.image_index if new_positions is None else context.image_index[new_positions]
+            image = image.expand(len(f), -1)
+            if new_mask is None:
+                new_mask = torch.ones_like(image, dtype=torch.bool)
             new_mask = torch.cat([context.prompt_valid, new_mask], 1)
-            key_positions = context.positions[:, torch.cat([context.prompt_index, context.image_index])]
+            key_index = torch.cat([context.prompt_index.expand(len(f), -1), image], 1)
+            key_positions = context.positions.gather(1, key_index)
         for block in self.blocks:
             x = block(x, new, new_mask, context, key_positions)
         x = self.norm(x)

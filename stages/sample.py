@@ -30,7 +30,8 @@ from migm_shortcut.bases import load_base
 from migm_shortcut.config import SamplerSetting
 from migm_shortcut.images import save_grid, to_uint8
 from migm_shortcut.metrics import measure_latency
-from migm_shortcut.sampling import Extrapolate, FeatureSource, Learned, Reuse, fixed_threads, generate_on_cores
+from migm_shortcut.sampling import (Extrapolate, FeatureSource, Learned, Reuse, fixed_threads, generate_on_cores,
+                                    sampling_autocast)
 
 from .base import MODEL as BASE_MODEL
 from .common import DATA, decode_batch, device, params, sampling_rule, write_json
@@ -91,13 +92,12 @@ def grid_images(images: torch.Tensor, largest: int = 128) -> torch.Tensor:
 def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: float, fp: str,
                 labels: torch.Tensor, cond: torch.Tensor) -> dict:
     rule, s = sampling_rule(p, setting.steps), p.sample
-    amp = torch.bfloat16 if dev.type == "cuda" else None
-    cores = 1 if s.compile else s.threads  # a compiled forward is not called from several threads at once
-
     def sample(ids: range):
-        return generate_on_cores(cores, base, rule, cond[ids.start : ids.stop].to(dev), list(ids), s.seed,
-                                 budget=setting.budget, source=lambda: feature_source(setting.sampler, base, shortcut),
-                                 autocast_dtype=amp)
+        # A compiled forward is not called from several threads at once: no slicing then.
+        return generate_on_cores(s.threads, base, rule, cond[ids.start : ids.stop].to(dev), list(ids), s.seed,
+                                 slice_batch=not s.compile, budget=setting.budget,
+                                 source=lambda: feature_source(setting.sampler, base, shortcut),
+                                 autocast_dtype=sampling_autocast(dev))
 
     # The timed repeats are the sampling itself: batch after batch of the same size, the first
     # `warmup_batches` untimed (their samples are kept all the same).

@@ -189,7 +189,7 @@ class Spy(FeatureSource):
 
     def predict(self, state):
         self.states.append(state)
-        return self.base.features(state.tokens, self.both)
+        return self.base.features(torch.cat([state.tokens, state.tokens]), self.both)
 
 
 def test_pair_masks_match_the_sampler(base, reference):
@@ -204,9 +204,11 @@ def test_pair_masks_match_the_sampler(base, reference):
         for state in spy.states:
             # the pair (f_{s}, f_{s+1}) with s = step - 1, as training derives it from the stored order
             new_mask, next_masked, next_ratio = pair_masks(order[rows], state.step - 1)
-            assert torch.equal(state.new_mask, torch.cat([new_mask, new_mask]))
+            handed = torch.zeros_like(new_mask).scatter_(1, state.new_positions[:UNIT], True)
+            assert torch.equal(handed, new_mask)
+            assert torch.equal(state.new_positions[UNIT:], state.new_positions[:UNIT])
             torch.testing.assert_close(state.mask_ratio, torch.cat([next_ratio, next_ratio]))
-            current = state.tokens[:UNIT]
+            current = state.tokens
             assert torch.equal(current == base.mask_id, next_masked)
             assert torch.equal(current[new_mask], tokens[rows][new_mask])  # new ids = final ids there
 

@@ -7,8 +7,9 @@ import torch
 from tiny_models import SHORTCUT_SPEC, make_base, make_shortcut, one_thread  # noqa: F401 (autouse fixture)
 
 from migm_shortcut.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
-from migm_shortcut.sampling import (Extrapolate, FeatureSource, Learned, Reuse, SamplingRule, StepState, fixed_threads, generate,
-                                    generate_on_cores)
+from migm_shortcut.noise import sample_keys, uniforms
+from migm_shortcut.sampling import (Extrapolate, FeatureSource, Learned, Reuse, SamplingRule, StepState, draw, fixed_threads,
+                                    generate, generate_on_cores)
 from migm_shortcut.schedules import refresh_steps, reveal_counts
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec
 
@@ -70,10 +71,10 @@ class Calls:
             return features(tokens, cond)
 
         monkeypatch.setattr(base, "features", counted)
-        self.hook = shortcut.register_forward_hook(self._hook)
+        self.hook = shortcut.register_forward_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, module, args, out):
-        self.shortcut_args.append([a.clone() for a in args])
+    def _hook(self, module, args, kwargs, out):
+        self.shortcut_args.append([a if a is None else a.clone() for a in args] + [kwargs["new_positions"]])
         self.shortcut_out.append(out.clone())
 
 
@@ -97,12 +98,15 @@ def test_base_and_shortcut_call_counts(base, shortcut, monkeypatch, steps, budge
     # The shortcut saw both branches, the tokens of the previous step as new tokens, and the mask
     # ratio of the state it predicts (SPEC section 3/5: same convention as training).
     shortcut_steps = [s for s in range(steps) if s not in full]
-    for s, (f, new_embed, new_mask, ratio) in zip(shortcut_steps, calls.shortcut_args):
-        assert f.shape == (6, base.seq_len, base.dim) and new_embed.shape == (6, L, base.dim)
-        assert new_mask.sum(1).tolist() == [reveal[s - 1]] * 6
+    for s, (f, new_embed, new_mask, ratio, positions) in zip(shortcut_steps, calls.shortcut_args):
+        assert f.shape == (6, base.seq_len, base.dim) and new_embed.shape == (6, reveal[s - 1], base.dim)
+        assert new_mask is None  # the keys are the gathered new tokens, nothing else
         torch.testing.assert_close(ratio, torch.full((6,), masked_at[s] / L))
-        # the new tokens are those the sampler committed at step s-1
-        assert torch.equal(new_mask[:3], out.order == s - 1) and torch.equal(new_mask[3:], out.order == s - 1)
+        # the new tokens are those the sampler committed at step s-1, with their own ids
+        committed = torch.zeros(6, L, dtype=torch.bool).scatter_(1, positions, True)
+        assert torch.equal(committed, (out.order == s - 1).repeat(2, 1))
+        ids = out.tokens.repeat(2, 1).gather(1, positions)
+        torch.testing.assert_close(new_embed, base.embed_tokens(ids, positions))
 
     # Chained shortcut steps: a shortcut step's input is the previous shortcut step's output.
     for k in range(1, len(shortcut_steps)):
@@ -251,7 +255,7 @@ def test_saved_shortcut_samples_at_other_steps(base, shortcut, tmp_path, steps):
 
 def state_at(step: int, steps: int = 10) -> StepState:
     z = torch.zeros(1)
-    return StepState(step, steps, prev_feature=z, tokens=z, new_mask=z, mask_ratio=z)
+    return StepState(step, steps, prev_feature=z, tokens=z, new_ids=z, new_positions=z, mask_ratio=z)
 
 
 def test_extrapolate_formula():
@@ -288,3 +292,50 @@ def test_compiled_base_samples_what_the_eager_base_samples(shortcut):
         model.eval()
     tokens = [run(model, 4, budget=2, source=Learned(shortcut, model)).tokens for model in (eager, compiled)]
     assert torch.equal(*tokens)
+
+
+# (h) the noise is made where sampling runs, from (seed, sample, step, position) alone
+
+
+def test_sampling_makes_nothing_on_the_host(shortcut):
+    """With the model and the conditions on the `meta` device, any per-step tensor made on the host
+    (noise drawn from a CPU generator, say) would meet meta tensors and fail."""
+    base = make_base().to("meta")
+    out = generate(base, SamplingRule(steps=6, cfg=1.0, tau=4.5), torch.arange(3, device="meta"), [0, 1, 2], SEED,
+                   budget=3, source=Learned(make_shortcut().to("meta"), base))
+    assert out.tokens.device.type == "meta" and out.tokens.shape == (3, base.num_tokens)
+
+
+def test_noise_is_a_function_of_its_counters():
+    keys = sample_keys(SEED, torch.tensor([5, 9]))
+    positions = torch.tensor([[3, 1, 4], [3, 1, 4]])
+    u = uniforms(keys, 2, positions, 0)
+    assert u.dtype == torch.float32 and ((u > 0) & (u < 1)).all()
+    # the same (sample, step, position) gives the same value in any batch and any order
+    alone = uniforms(sample_keys(SEED, torch.tensor([9])), 2, torch.tensor([[4, 3]]), 0)
+    assert torch.equal(alone[0], u[1, [2, 0]])
+    # every counter matters: sample, step, position, stream and seed
+    assert not torch.equal(u[0], u[1])
+    assert not torch.equal(u, uniforms(keys, 3, positions, 0))
+    assert not torch.equal(u, uniforms(keys, 2, positions, 1))
+    assert not torch.equal(u[:, 0], u[:, 2])
+    assert not torch.equal(u, uniforms(sample_keys(SEED + 1, torch.tensor([5, 9])), 2, positions, 0))
+
+
+def test_noise_is_uniform():
+    u = uniforms(sample_keys(0, torch.arange(200)), 0, torch.arange(500).expand(200, 500), 0).double()
+    assert abs(u.mean() - 0.5) < 0.005 and abs(u.var() - 1 / 12) < 0.002
+    counts = torch.histc(u, bins=10, min=0, max=1)
+    assert (counts - 10_000).abs().max() < 500  # 10 equal bins of 100k draws, each within 5 sigma
+
+
+def test_draw_follows_the_distribution():
+    """Inverting the CDF at a uniform draws token k with probability softmax(logits)_k."""
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0]).expand(1, 40_000, 4)
+    keys = sample_keys(3, torch.tensor([0]))
+    u_draw = uniforms(keys, 0, torch.arange(40_000)[None], 0)
+    drawn, conf = draw(logits, u_draw, uniforms(keys, 0, torch.arange(40_000)[None], 1), tau=0.0)
+    freq = torch.bincount(drawn[0], minlength=4).double() / 40_000
+    torch.testing.assert_close(freq, torch.softmax(logits[0, 0].double(), 0), atol=0.01, rtol=0)
+    # tau = 0: the confidence is the drawn token's log-probability
+    torch.testing.assert_close(conf[0], torch.log_softmax(logits[0, 0], 0)[drawn[0]])

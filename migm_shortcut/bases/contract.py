@@ -36,16 +36,25 @@ class MaskedBase(nn.Module, ABC):
         """tokens [B, L] (mask_id where masked), cond [B, ...] -> last hidden state [B, S, D]."""
 
     @abstractmethod
-    def head(self, f: torch.Tensor) -> torch.Tensor:
-        """Features [B, S, D] -> logits over the image codebook at image positions [B, L, K]."""
+    def head(self, f: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Features [B, S, D] -> logits over the image codebook [B, M, K] at image token indices
+        `positions` [B, M] (None: all L in order). The sampler asks only for still-masked ones."""
 
     @abstractmethod
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """The base's frozen embedding of image tokens at their grid positions: ids [B, L] -> [B, L, D].
+    def embed_tokens(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The base's frozen embedding of image tokens `ids` [B, M] at image token indices
+        `positions` [B, M] (None: ids cover all L in order) -> [B, M, D].
 
         MaskGIT adds its position table; bases with rotary positions return the token embedding
         alone (their shortcut applies RoPE at `image_positions`).
         """
+
+    def image_features(self, f: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows of features [B, S, D] at image token indices `positions` [B, M] -> [B, M, D]."""
+        if positions is None:
+            return f[:, self.image_positions]
+        index = self.image_positions[positions]
+        return f.gather(1, index[..., None].expand(-1, -1, f.shape[-1]))
 
     def shortcut_context(self, cond: torch.Tensor):
         """Extra shortcut inputs for a batch of conditions [B, ...] (both CFG branches), or None.

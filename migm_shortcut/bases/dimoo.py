@@ -238,11 +238,12 @@ class LuminaDiMOO(MaskedBase):
     def features(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.llada(*self._sequence(tokens, cond))
 
-    def head(self, f: torch.Tensor) -> torch.Tensor:
+    def head(self, f: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         w = self.llada.model.transformer.ff_out.weight[IMAGE_OFFSET : IMAGE_OFFSET + CODEBOOK]
-        return f[:, self.image_positions] @ w.T.to(f.dtype)
+        return self.image_features(f, positions) @ w.T.to(f.dtype)
 
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotary base: no position table (the DiMOO shortcut rotates keys at their positions)."""
         return self.llada.model.transformer.wte(torch.where(ids == self.mask_id, MASK, ids + IMAGE_OFFSET))
 
     def uncond(self, cond: torch.Tensor) -> torch.Tensor:

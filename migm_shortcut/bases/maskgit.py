@@ -337,13 +337,15 @@ class MaskGITImageNet(MaskedBase):
         cls_ids = cond.view(-1, 1) + self.codebook_size + 1  # the dropped class lands on the drop id
         return self.vit(torch.cat([tokens, cls_ids], dim=1))
 
-    def head(self, f: torch.Tensor) -> torch.Tensor:
+    def head(self, f: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         L, K = self.num_tokens, self.codebook_size
         w = self.vit.tok_emb.weight[:K].to(f.dtype)
-        return f[:, :L] @ w.T + self.vit.bias[:L, :K].to(f.dtype)
+        bias = self.vit.bias[:L, :K] if positions is None else self.vit.bias[positions, :K]
+        return self.image_features(f, positions) @ w.T + bias.to(f.dtype)
 
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.vit.tok_emb(ids) + self.vit.pos_emb[0, : self.num_tokens]
+    def embed_tokens(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        pos = self.vit.pos_emb[0, : self.num_tokens]
+        return self.vit.tok_emb(ids) + (pos if positions is None else pos[positions])
 
     def uncond(self, cond: torch.Tensor) -> torch.Tensor:
         return torch.full_like(cond, self.null_class)

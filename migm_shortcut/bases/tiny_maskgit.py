@@ -86,11 +86,14 @@ class TinyMaskGIT(MaskedBase):
             x = block(x)
         return self.norm(x)
 
-    def head(self, f: torch.Tensor) -> torch.Tensor:
-        return f[:, 1:] @ self.tok_emb.weight[: self.codebook_size].T.to(f.dtype) + self.bias.to(f.dtype)
+    def head(self, f: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        bias = self.bias if positions is None else self.bias[positions]
+        w = self.tok_emb.weight[: self.codebook_size]
+        return self.image_features(f, positions) @ w.T.to(f.dtype) + bias.to(f.dtype)
 
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.tok_emb(ids) + self.pos_emb[1:]
+    def embed_tokens(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        pos = self.pos_emb[1:]
+        return self.tok_emb(ids) + (pos if positions is None else pos[positions])
 
     def uncond(self, cond: torch.Tensor) -> torch.Tensor:
         return torch.full_like(cond, self.null_class)
