@@ -1,100 +1,193 @@
-"""Latency benchmark: vanilla vs shortcut sampling, measured in one run on one machine.
+"""Latency benchmark: what each part of a sampling step costs, and the speedups, in one run.
 
-    python benchmarks/latency.py                       # the trained models in data/ (after `dvc repro`)
-    python benchmarks/latency.py --random --profile default   # untrained models of a profile's sizes
+    python benchmarks/latency.py                              # trained models in data/ (after dvc repro)
+    python benchmarks/latency.py --random --profile default   # untrained, the same sizes
+    python benchmarks/latency.py --random --profile paper-maskgit-512 --layers 2 --batch 2
+    python benchmarks/latency.py --random --profile paper-dimoo --layers 1 --batch 1
 
-Prints (1) the cost of one step: base forward + head vs shortcut + head, both CFG branches, and
-their ratio (the paper's shortcut costs about 3% of its base); (2) per-image latency of vanilla N
-and of the shortcut at several budgets, with the speedup and its N/B limit, sampled as the sample
-stage samples (on a CPU: a slice of the batch per thread), and on a CPU vanilla N once more with the
-whole batch on all threads, for the gain of slicing. Warm-up dropped, median of repeats, threads
-fixed; CUDA timers synchronised.
+Part 1, for any profile: one step of the base (features, both CFG branches), one step of the
+shortcut (both branches, on the gathered tokens of an average step) and the sampler's own work at
+a step (head at the still-masked positions, CFG, draws, confidence, choice: `commit_step`), each
+as a share of a base step; then the speedup share of N/B these costs imply at the profile's or
+the paper's (N, B) points, beside the paper's own figures. `--layers k` builds k of the base's
+layers and scales the base step to the full depth (the paper bases do not fit a CPU run whole).
+The sampler's work grows with the masked positions M: it is timed at five steps and interpolated
+linearly in M over the others.
+
+Part 2, for the tiny MaskGIT of a trained profile: vanilla N against the shortcut and reuse at
+several budgets, end to end, sampled as the sample stage samples (on a CPU: a slice of the batch
+per thread); on a CPU also vanilla with the whole batch on all threads, for the gain of slicing.
+Warm-up dropped, median of repeats, threads fixed, CUDA timers synchronised.
 """
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from migm_shortcut.bases import build_base, load_base  # noqa: E402
+from migm_shortcut.bases.dimoo import CODEBOOK, IMAGE_OFFSET, LLaDAConfig, LLaDAModelLM, LuminaDiMOO  # noqa: E402
 from migm_shortcut.config import load_params  # noqa: E402
 from migm_shortcut.metrics import measure_latency  # noqa: E402
-from migm_shortcut.sampling import Learned, fixed_threads, generate, generate_on_cores  # noqa: E402
+from migm_shortcut.noise import sample_keys  # noqa: E402
+from migm_shortcut.sampling import (FeatureSource, Learned, Reuse, StepState, commit_step, fixed_threads, generate,  # noqa: E402
+                                    generate_on_cores, sampling_autocast)
+from migm_shortcut.schedules import REVEAL  # noqa: E402
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec  # noqa: E402
 from stages.common import sampling_rule  # noqa: E402
+
+# The paper's MaskGIT-512 latencies (SPEC section 7): speedup against vanilla at the same N.
+PAPER = {(15, 7): 50.1 / 25.9, (15, 8): 50.1 / 28.8, (32, 8): 104.6 / 33.7, (32, 9): 104.6 / 36.8,
+         (32, 12): 104.6 / 45.9}
+PAPER_POINTS = {"maskgit-imagenet": list(PAPER), "dimoo": [(64, 11), (64, 16)]}
+
+
+def random_base(p, layers: int | None):
+    """A base of the profile's architecture with random weights (`layers` of its depth)."""
+    b, depth = p.base, layers or p.base.depth
+    if b.name == "tiny-maskgit":
+        t = p.tokenizer
+        return build_base({"kind": b.name, "num_classes": 10, "tokenizer": dict(
+            codebook_size=t.codebook_size, code_dim=t.code_dim, hidden=t.hidden, channels=1,
+            ema_decay=t.ema_decay, image_size=p.data.image_size), "model": dict(
+            depth=depth, width=b.width, heads=b.heads, mlp_ratio=b.mlp_ratio, label_dropout=b.label_dropout)})
+    pub = b.published
+    if b.name == "maskgit-imagenet":
+        return build_base({"kind": b.name, "image_size": p.data.image_size, "hidden_dim": b.width,
+                           "depth": depth, "heads": b.heads, "mlp_dim": int(b.width * b.mlp_ratio),
+                           "codebook_size": pub.codebook_size, "num_classes": pub.num_classes})
+    llada = LLaDAModelLM(LLaDAConfig(d_model=b.width, n_heads=b.heads, n_layers=depth,
+                                     mlp_hidden_size=int(b.width * b.mlp_ratio), vocab_size=IMAGE_OFFSET + CODEBOOK))
+    return LuminaDiMOO(llada, image_size=p.data.image_size, prompt_len=pub.prompt_len, uncond_prompt=[1, 2, 3])
 
 
 def models(args, p, dev):
     if args.random:
-        b = p.base
-        t = p.tokenizer
-        base = build_base({"kind": b.name, "num_classes": 10, "tokenizer": dict(
-            codebook_size=t.codebook_size, code_dim=t.code_dim, hidden=t.hidden, channels=1, ema_decay=t.ema_decay,
-            image_size=p.data.image_size), "model": dict(depth=b.depth, width=b.width, heads=b.heads,
-                                                           mlp_ratio=b.mlp_ratio, label_dropout=b.label_dropout)})
+        base = random_base(p, args.layers)
         s = p.shortcut
-        shortcut = Shortcut(ShortcutSpec(dim=b.width, bottleneck_ratio=s.bottleneck_ratio, blocks=s.blocks, heads=s.heads))
-        return base.to(dev).eval(), shortcut.to(dev).eval()
+        spec = ShortcutSpec(dim=base.dim, bottleneck_ratio=s.bottleneck_ratio, blocks=s.blocks, heads=s.heads,
+                            cross_attention=s.cross_attention, time_embedding=s.time_embedding,
+                            variant=base.shortcut_variant)
+        return base.to(dev).eval().requires_grad_(False), Shortcut(spec).to(dev).eval()
     from stages.train_shortcut import load_shortcut
 
     base = load_base("data/base/model.safetensors", dev)
     return base, load_shortcut(base.base_id).to(dev)
 
 
+def conditions(base, batch: int, dev) -> torch.Tensor:
+    if isinstance(base, LuminaDiMOO):  # random prompt ids, the whole prompt length
+        return torch.randint(0, IMAGE_OFFSET - 1000, (batch, base.prompt_len), device=dev)
+    return torch.arange(batch, device=dev) % base.num_classes
+
+
+def step_costs(base, shortcut, rule, cond, timing, scale: float) -> tuple[float, float, np.ndarray]:
+    """ms per image of (a base step, a shortcut step, the sampler's work at each of the N steps)."""
+    B, L, N, dev = len(cond), base.num_tokens, rule.steps, cond.device
+    reveal = REVEAL[rule.schedule](N, L)
+    amp = torch.autocast(dev.type, dtype=sampling_autocast(dev)) if sampling_autocast(dev) else nullcontext()
+    both = torch.cat([cond, base.uncond(cond)])
+    tokens = torch.randint(0, base.codebook_size, (2 * B, L), device=dev)
+    with amp:
+        full = measure_latency(lambda: base.features(tokens, both), **timing)["median_ms_per_image"] * scale
+        f = base.features(tokens, both)
+    R = max(1, round(float(np.mean(reveal[:-1]))))
+    new_positions = torch.stack([torch.randperm(L, device=dev)[:R] for _ in range(B)]).repeat(2, 1)
+    state = StepState(1, N, f, tokens[:B], tokens[:, :R], new_positions, torch.full((2 * B,), 0.5, device=dev),
+                      both)
+    learned = Learned(shortcut, base)
+    with amp:
+        short = measure_latency(lambda: learned.predict(state), **timing)["median_ms_per_image"]
+    keys = sample_keys(0, torch.arange(B, device=dev))
+    masked_at = L - np.cumsum([0] + reveal[:-1])
+    timed = sorted({0, N // 4, N // 2, 3 * N // 4, N - 1})
+    work = []
+    for i in timed:
+        masked = torch.stack([torch.randperm(L, device=dev)[: masked_at[i]] for _ in range(B)])
+        work.append(measure_latency(lambda: commit_step(base, rule, f, masked, keys, i, reveal[i]),
+                                    **timing)["median_ms_per_image"])
+    order = np.argsort(masked_at[timed])
+    return full, short, np.interp(masked_at, masked_at[timed][order], np.array(work)[order])
+
+
+def implied_speedup(full: float, short: float, work: np.ndarray, budget: int) -> float:
+    """Vanilla N's time over the time of B full and N - B shortcut steps, the sampler's work in both."""
+    N = len(work)
+    return (N * full + work.sum()) / (budget * full + (N - budget) * short + work.sum())
+
+
+def part1(args, p, base, shortcut, dev, timing) -> None:
+    scale = p.base.depth / args.layers if args.layers else 1.0
+    cond = conditions(base, timing["batch_size"], dev)
+    points = PAPER_POINTS.get(p.base.name) or [(s.steps, b) for s in p.sample.shortcut for b in s.budgets]
+    depth = f"{args.layers} of {p.base.depth} layers, scaled" if args.layers else f"{p.base.depth} layers"
+    print(f"part 1: step costs at batch {len(cond)} on {args.threads} intra-op threads, L = {base.num_tokens}, K = {base.codebook_size}, D = {base.dim}, "
+          f"base {depth}")
+    for N in sorted({n for n, _ in points}):
+        full, short, work = step_costs(base, shortcut, sampling_rule(p, N), cond, timing, scale)
+        print(f"  N = {N}: base step {full:.3f} ms/img; shortcut step {short:.3f} ms/img ({short / full:.1%} "
+              f"of a base step); sampler's own work {work.mean():.3f} ms/img per step on average "
+              f"({work.mean() / full:.1%}; {work.max() / full:.1%} at its largest step)")
+        for n, b in points:
+            if n == N:
+                s = implied_speedup(full, short, work, b)
+                paper = f"; paper {PAPER[n, b]:.2f}x, {PAPER[n, b] / (n / b):.0%}" if (n, b) in PAPER else ""
+                print(f"    N{n} B{b}: implied speedup {s:.2f}x of N/B {n / b:.2f}x = {s / (n / b):.0%}{paper}")
+
+
+def part2(args, p, base, shortcut, dev, timing) -> None:
+    B = timing["batch_size"]
+    cond, ids, rule = conditions(base, B, dev), list(range(B)), sampling_rule(p, args.steps)
+
+    def run(budget, source):
+        return lambda: generate_on_cores(args.threads, base, rule, cond, ids, 0, budget=budget, source=source,
+                                         autocast_dtype=sampling_autocast(dev))  # as the sample stage runs it
+
+    print(f"part 2: end to end, batch {B}, {args.threads} threads")
+    vanilla = measure_latency(run(None, FeatureSource), **timing)["median_ms_per_image"]
+    print(f"  vanilla N={args.steps}: {vanilla:.2f} ms/img")
+    if dev.type == "cpu" and args.threads > 1:
+        with fixed_threads(args.threads):
+            whole = measure_latency(lambda: generate(base, rule, cond, ids, 0), **timing)["median_ms_per_image"]
+        print(f"    the whole batch on {args.threads} intra-op threads instead of a slice per thread: "
+              f"{whole:.2f} ms/img ({whole / vanilla:.2f}x the time)")
+    for name, source in (("shortcut", lambda: Learned(shortcut, base)), ("reuse", Reuse)):
+        for b in args.budgets:
+            t = measure_latency(run(b, source), **timing)["median_ms_per_image"]
+            print(f"  {name} N={args.steps} B={b}: {t:.2f} ms/img, speedup {vanilla / t:.2f}x "
+                  f"(limit N/B {args.steps / b:.2f}x, {vanilla / t / (args.steps / b):.0%} of it)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", help="read sizes from profiles/NAME.yaml instead of params.yaml")
     parser.add_argument("--random", action="store_true", help="untrained models of the profile's sizes")
+    parser.add_argument("--layers", type=int, help="build this many base layers, scale the base step to the depth")
     parser.add_argument("--batch", type=int, help="default: the profile's sample.batch_size")
-    parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--budgets", type=int, nargs="+", default=[4, 6, 8])
+    parser.add_argument("--steps", type=int, default=16, help="part 2's N")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[3, 4, 8], help="part 2's budgets")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     p = load_params(f"profiles/{args.profile}.yaml" if args.profile else "params.yaml")
-    if p.is_text_to_image:
-        parser.error("this benchmark conditions on classes; a text-to-image base is timed by the sample stage "
-                     "(latency_ms in data/samples/*/info.json)")
-    if args.random and p.is_published:
-        parser.error("--random builds the tiny MaskGIT of a trained profile; time a published base after `dvc repro base`")
+    if p.is_published and not args.random:
+        parser.error("a published profile is timed with --random (its architecture, random weights); the trained "
+                     "base's own latencies are in data/samples/*/info.json")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base, shortcut = models(args, p, dev)
-    B, L = args.batch or p.sample.batch_size, base.num_tokens
-    cond = torch.arange(B, device=dev) % 10
-    tokens = torch.randint(0, base.codebook_size, (2 * B, L), device=dev)
-    both = torch.cat([cond, base.uncond(cond)])
-    timing = dict(warmup=1, repeats=args.repeats, batch_size=B, device=dev)
-    print(f"device {dev}, threads {args.threads}, batch {B}, base {base.transformer_parameters() / 1e6:.2f}M params, "
-          f"shortcut {sum(t.numel() for t in shortcut.parameters()) / 1e6:.3f}M params")
     with fixed_threads(args.threads), torch.no_grad():
-        f = base.features(tokens, both)
-        new = torch.rand(2 * B, L, device=dev) < 0.1
-        ratio = torch.rand(2 * B, device=dev)
-        full = measure_latency(lambda: base.head(base.features(tokens, both)), **timing)["median_ms_per_image"]
-        short = measure_latency(lambda: base.head(shortcut(f, base.embed_tokens(tokens), new, ratio)), **timing)["median_ms_per_image"]
-        print(f"one step, both CFG branches, head included: base {full:.3f} ms/img, shortcut {short:.3f} ms/img, "
-              f"ratio {short / full:.3f}")
-
-        rule = sampling_rule(p, args.steps)  # the profile's whole rule, as the stages build it
-        ids = list(range(B))
-
-        def run(budget):
-            return lambda: generate_on_cores(args.threads, base, rule, cond, ids, 0, budget=budget,
-                                             source=lambda: Learned(shortcut, base))  # as the sample stage runs it
-
-        vanilla = measure_latency(run(None), **timing)["median_ms_per_image"]
-        print(f"vanilla N={args.steps}: {vanilla:.2f} ms/img")
-        if dev.type == "cpu" and args.threads > 1:
-            whole = measure_latency(lambda: generate(base, rule, cond, ids, 0), **timing)["median_ms_per_image"]
-            print(f"  the same, the whole batch on {args.threads} intra-op threads instead of a slice per thread: "
-                  f"{whole:.2f} ms/img ({whole / vanilla:.2f}x the time)")
-        for b in args.budgets:
-            t = measure_latency(run(b), **timing)["median_ms_per_image"]
-            print(f"shortcut N={args.steps} B={b}: {t:.2f} ms/img, speedup {vanilla / t:.2f}x "
-                  f"(limit N/B {args.steps / b:.2f}x, {vanilla / t / (args.steps / b):.0%} of it)")
+        base, shortcut = models(args, p, dev)
+        timing = dict(warmup=1, repeats=args.repeats, batch_size=args.batch or p.sample.batch_size, device=dev)
+        print(f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+              f"threads {args.threads}, base {base.transformer_parameters() / 1e6:.2f}M params, "
+              f"shortcut {sum(t.numel() for t in shortcut.parameters()) / 1e6:.3f}M params")
+        part1(args, p, base, shortcut, dev, timing)
+        if p.base.name == "tiny-maskgit":
+            part2(args, p, base, shortcut, dev, timing)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,8 @@ def fingerprint(setting: SamplerSetting, p, base, shortcut_id: str | None, cond:
     inputs = {"setting": setting.model_dump(), "rule": vars(sampling_rule(p, setting.steps)),
               "sample": p.sample.model_dump(exclude={"vanilla_steps", "shortcut", "baselines", "baseline_steps"}),
               "base": base.base_id, "shortcut": shortcut_id if setting.sampler == "shortcut" else None,
-              "timing": "batch wall time; on a CPU a slice of the batch per thread"}  # a new method re-times every set
+              "timing": "batch wall time; on a CPU a slice of the batch per thread",
+              "noise": "counter hash"}  # a new method resamples and re-times every set
     if p.is_text_to_image:  # the prompts are not fixed by the params alone
         inputs["prompts"] = hashlib.sha256(cond.numpy().tobytes()).hexdigest()
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
