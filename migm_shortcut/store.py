@@ -311,25 +311,24 @@ class PairDataset(torch.utils.data.Dataset):
         for item in items:
             sample, rest = divmod(item, 2 * self.pairs_per_branch)
             keys.append((sample, *divmod(rest, self.pairs_per_branch)))
-        # One read per trajectory, covering all of the batch's pairs from it: a batch drawn from a
+        # One read per (trajectory, branch) of exactly the steps its pairs use: a batch drawn from a
         # few trajectories (see TrajectoryBatchSampler) costs a few reads, not one per pair.
-        spans: dict[int, list[int]] = {}
+        wanted: dict[tuple[int, int], set[int]] = {}
         for sample, branch, step in keys:
-            lo = spans.setdefault(sample, [branch, branch, step, step])
-            lo[:] = [min(lo[0], branch), max(lo[1], branch), min(lo[2], step), max(lo[3], step)]
+            wanted.setdefault((sample, branch), set()).update(range(step, step + self.unroll + 1))
+        steps = {key: sorted(used) for key, used in wanted.items()}
 
         async def fetch() -> list[np.ndarray]:
-            windows = (
-                (self.indices[sample], slice(b0, b1 + 1), slice(s0, s1 + self.unroll + 1))
-                for sample, (b0, b1, s0, s1) in spans.items()
-            )
-            return await asyncio.gather(*(features.getitem(window) for window in windows))
+            return await asyncio.gather(*(
+                features.get_orthogonal_selection((self.indices[sample], branch, used))
+                for (sample, branch), used in steps.items()
+            ))  # fmt: skip
 
-        reads = dict(zip(spans, sync(fetch())))
+        reads = dict(zip(steps, sync(fetch())))
         windows = []
         for sample, branch, step in keys:
-            b0, _, s0, _ = spans[sample]
-            windows.append(reads[sample][branch - b0, step - s0 : step - s0 + self.unroll + 1])
+            first = steps[sample, branch].index(step)  # steps step..step+unroll follow it in the sorted list
+            windows.append(reads[sample, branch][first : first + self.unroll + 1])
 
         batch = []
         for (sample, branch, step), window in zip(keys, windows):

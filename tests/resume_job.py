@@ -2,11 +2,12 @@
 
     python tests/resume_job.py base|shortcut|extract FOLDER [MINUTES]
 
-FOLDER holds the saved training state, the trajectory store and the result (`weights.pt`); each
-run prints `performed N`, the updates (or samples) it did itself. MINUTES: work between saves
-(default 0: after every update)."""
+FOLDER holds the trajectory store, the saved training state (`JOB-state.pt`), the result
+(`JOB.pt`) and `JOB-started`, touched at the first logged update. Each run prints `performed N`:
+the updates (or samples) it did itself. MINUTES: work between saves (default 0: every update)."""
 
 import sys
+from pathlib import Path
 
 import torch
 from tiny_models import make_base, make_shortcut
@@ -30,7 +31,8 @@ def new_store(folder: str, base):
 def run(job: str, folder: str, minutes: float) -> int:
     """Do the job (resuming what a killed run left); returns the updates or samples done here."""
     base = make_base()
-    state = TrainingState(f"{folder}/state.pt", {"job": job}, minutes)
+    state = TrainingState(f"{folder}/{job}-state.pt", {"job": job}, minutes)
+    started = Path(f"{folder}/{job}-started")
     if job == "extract":
         return extract(new_store(folder, base), base, RULE, batch_size=1, progress=False)["samples_written"]
     if job == "base":
@@ -39,16 +41,16 @@ def run(job: str, folder: str, minutes: float) -> int:
         base.tokenizer.requires_grad_(False)
         train_base(base, codes, torch.arange(64) % 10, codes[:8], torch.arange(8) % 10, steps=BASE_STEPS,
                    batch_size=8, lr=1e-3, warmup=10, weight_decay=0.05, seed=0, device=torch.device("cpu"),
-                   progress=False, state=state)
+                   log=lambda *_: started.touch(), progress=False, state=state)
         model, steps = base, BASE_STEPS
     else:
         shortcut = make_shortcut().requires_grad_(True)
         model = train_shortcut(shortcut, base, PairDataset(f"{folder}/store.zarr"), steps=SHORTCUT_STEPS, batch_size=8,
                                lr=1e-3, lr_decay_at=90, weight_decay=0.01, ema_decay=0.9, ema_warmup=20, grad_clip=1.0,
                                num_workers=0, seed=0, device=torch.device("cpu"), pairs_per_trajectory=4,
-                               progress=False, state=state)
+                               log=lambda *_: started.touch(), progress=False, state=state)
         steps = SHORTCUT_STEPS
-    torch.save(model.state_dict(), f"{folder}/weights.pt")
+    torch.save(model.state_dict(), f"{folder}/{job}.pt")
     state.remove()
     return steps - state.start
 
