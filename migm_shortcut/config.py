@@ -104,6 +104,7 @@ class BaseConfig(Section):
     warmup: int = Field(200, ge=0)
     weight_decay: float = Field(0.05, ge=0)
     seed: int = 0
+    checkpoint_minutes: float = Field(10.0, gt=0)  # work between saves of the training state (and on SIGTERM)
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
@@ -124,6 +125,7 @@ class SamplingConfig(Section):
 
 
 class ExtractConfig(Section):
+    store: str = Field("data/trajectories.zarr", min_length=1)  # a local path or any fsspec URL (s3://...)
     num_train: int = Field(2000, ge=1)
     num_val: int = Field(200, ge=1)
     dtype: Literal["float16", "float32"] = "float16"
@@ -150,6 +152,7 @@ class ShortcutConfig(Section):
     grad_clip: float = Field(1.0, gt=0)
     num_workers: int = Field(0, ge=0)
     seed: int = 0
+    checkpoint_minutes: float = Field(10.0, gt=0)  # work between saves of the training state (and on SIGTERM)
 
 
 class ShortcutGrid(Section):

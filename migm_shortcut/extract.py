@@ -8,7 +8,6 @@ its samples are written: a killed run redoes at most the unit it was in.
 """
 
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -67,7 +66,3 @@ def merge_stats(parts: list[dict]) -> dict:
     written, seconds = sum(s["samples_written"] for s in parts), max(s["seconds"] for s in parts)
     return {"samples_written": written, "units_written": sum(s["units_written"] for s in parts), "seconds": seconds,
             "samples_per_second": written / seconds if written else 0.0}
-
-
-def store_bytes(path: str | Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

@@ -2,7 +2,7 @@
 
 Layout (one root group; URL: a local path, `file://...`, `memory://...`, any fsspec URL):
 
-    attrs       schema_version, meta, shapes, dtype, unit_size, created
+    attrs       schema_version, meta, shapes, dtype, unit_size (nothing run-specific: DVC hashes the store)
     features    [num_samples, 2, N, S, D] float16|float32; branch 0 = cond, 1 = uncond.
                 chunk = one step of one branch of one sample (the unit of reading),
                 shard = one whole sample (one object/file per trajectory).
@@ -18,13 +18,14 @@ and a unit killed mid-way is redone by overwriting the same objects (no duplicat
 """
 
 import asyncio
+import itertools
 import json
 import math
 import os
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 import zarr
@@ -157,8 +158,7 @@ class TrajectoryStore:
         group.create_array("labels", shape=(n, *cond), dtype="int64", chunks=(unit, *cond), compressors=_COMPRESSOR)
         group.create_array("unit_done", shape=(math.ceil(n / unit),), dtype="uint8", chunks=(1,), fill_value=0)
         # Attributes last: a store without schema_version is one whose creation did not finish.
-        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        group.attrs.update({"schema_version": SCHEMA_VERSION, **wanted, "created": created})
+        group.attrs.update({"schema_version": SCHEMA_VERSION, **wanted})
         return group
 
     @classmethod
@@ -234,6 +234,17 @@ class TrajectoryStore:
         }
 
 
+def store_bytes(url: str) -> int:
+    """Bytes the store at `url` takes (any fsspec URL)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.du(path)
+
+
+def remove_store(url: str) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.rm(path, recursive=True)
+
+
 def pair_masks(order: torch.Tensor, step: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masks of the training pair (f_step -> f_step+1) from the generation order.
 
@@ -300,25 +311,24 @@ class PairDataset(torch.utils.data.Dataset):
         for item in items:
             sample, rest = divmod(item, 2 * self.pairs_per_branch)
             keys.append((sample, *divmod(rest, self.pairs_per_branch)))
-        # One read per trajectory, covering all of the batch's pairs from it: a batch drawn from a
+        # One read per (trajectory, branch) of exactly the steps its pairs use: a batch drawn from a
         # few trajectories (see TrajectoryBatchSampler) costs a few reads, not one per pair.
-        spans: dict[int, list[int]] = {}
+        wanted: dict[tuple[int, int], set[int]] = {}
         for sample, branch, step in keys:
-            lo = spans.setdefault(sample, [branch, branch, step, step])
-            lo[:] = [min(lo[0], branch), max(lo[1], branch), min(lo[2], step), max(lo[3], step)]
+            wanted.setdefault((sample, branch), set()).update(range(step, step + self.unroll + 1))
+        steps = {key: sorted(used) for key, used in wanted.items()}
 
         async def fetch() -> list[np.ndarray]:
-            windows = (
-                (self.indices[sample], slice(b0, b1 + 1), slice(s0, s1 + self.unroll + 1))
-                for sample, (b0, b1, s0, s1) in spans.items()
-            )
-            return await asyncio.gather(*(features.getitem(window) for window in windows))
+            return await asyncio.gather(*(
+                features.get_orthogonal_selection((self.indices[sample], branch, used))
+                for (sample, branch), used in steps.items()
+            ))  # fmt: skip
 
-        reads = dict(zip(spans, sync(fetch())))
+        reads = dict(zip(steps, sync(fetch())))
         windows = []
         for sample, branch, step in keys:
-            b0, _, s0, _ = spans[sample]
-            windows.append(reads[sample][branch - b0, step - s0 : step - s0 + self.unroll + 1])
+            first = steps[sample, branch].index(step)  # steps step..step+unroll follow it in the sorted list
+            windows.append(reads[sample, branch][first : first + self.unroll + 1])
 
         batch = []
         for (sample, branch, step), window in zip(keys, windows):
@@ -345,10 +355,13 @@ class TrajectoryBatchSampler(torch.utils.data.Sampler):
 
     Data-parallel: every rank draws the same global batches (same seed) and takes its contiguous
     slice `rank` of `world_size` of each, so the global batch, not the per-rank one, is batch_size.
+
+    skip: batches already trained on (a resumed run): they are drawn again, without reading any
+    data, so the batches that follow are those an uninterrupted run would see.
     """
 
     def __init__(self, dataset: PairDataset, batch_size: int, pairs_per_trajectory: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, skip: int = 0) -> None:
         if not 0 <= rank < world_size <= batch_size:
             raise ValueError(f"need 0 <= rank={rank} < world_size={world_size} <= batch_size={batch_size}")
         self.pairs = 2 * dataset.pairs_per_branch
@@ -356,11 +369,20 @@ class TrajectoryBatchSampler(torch.utils.data.Sampler):
         self.num_samples, self.batch_size = len(dataset.indices), batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.part = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+        self.skip = skip
 
     def __len__(self) -> int:
         return self.num_samples // -(-self.batch_size // self.per)
 
     def __iter__(self):
+        while self.skip >= len(self) > 0:  # whole epochs already trained on
+            self.skip -= len(self)
+            for _ in self._epoch():
+                pass
+        skip, self.skip = self.skip, 0
+        yield from itertools.islice(self._epoch(), skip, None)
+
+    def _epoch(self):
         per_batch = -(-self.batch_size // self.per)  # trajectories per batch
         order = torch.randperm(self.num_samples, generator=self.generator).tolist()
         for first in range(0, len(self) * per_batch, per_batch):

@@ -5,21 +5,26 @@ import math
 import torch
 from tqdm import tqdm
 
-from .training import Log, autocast, check_finite
+from .training import Log, TrainingState, autocast, check_finite
 
 
 def train_base(base, codes: torch.Tensor, labels: torch.Tensor, val_codes: torch.Tensor, val_labels: torch.Tensor, *,
                steps: int, batch_size: int, lr: float, warmup: int, weight_decay: float, seed: int,
-               device: torch.device, log: Log | None = None, log_every: int = 25, progress: bool = True) -> dict:
-    """MaskGIT training: AdamW, linear warm-up then cosine decay. Returns final validation loss."""
+               device: torch.device, log: Log | None = None, log_every: int = 25, progress: bool = True,
+               state: TrainingState | None = None) -> dict:
+    """MaskGIT training: AdamW, linear warm-up then cosine decay. Returns final validation loss.
+
+    state: where the run is saved now and then, and resumed from."""
     gen = torch.Generator().manual_seed(seed)
     params = [p for n, p in base.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+    state = state or TrainingState()
+    start = state.resume(model=base, optimizer=opt, schedule=sched, generator=gen)
     base.train()
     base.tokenizer.eval()
-    bar = tqdm(range(1, steps + 1), desc="base", disable=not progress, leave=False)
+    bar = tqdm(state.updates(steps), desc="base", initial=start, total=steps, disable=not progress, leave=False)
     for step in bar:
         index = torch.randint(len(codes), (batch_size,), generator=gen)
         with autocast(device):

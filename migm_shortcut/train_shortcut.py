@@ -10,7 +10,7 @@ from . import distributed
 from .bases.contract import MaskedBase
 from .shortcut import Shortcut
 from .store import PairDataset, TrajectoryBatchSampler, pair_masks
-from .training import EMA, Log, autocast, check_finite
+from .training import EMA, Log, TrainingState, autocast, check_finite
 
 
 def _loss_mask(base: MaskedBase, next_masked: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,8 @@ def _batches(loader: DataLoader):
 def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset, *, steps: int, batch_size: int,
                    lr: float, lr_decay_at: int, weight_decay: float, ema_decay: float, ema_warmup: int,
                    grad_clip: float, num_workers: int, seed: int, device: torch.device, pairs_per_trajectory: int = 16,
-                   log: Log | None = None, log_every: int = 25, progress: bool = True) -> Shortcut:
+                   log: Log | None = None, log_every: int = 25, progress: bool = True,
+                   state: TrainingState | None = None) -> Shortcut:
     """Train the shortcut on stored trajectories (base frozen); return the EMA weights.
 
     With `train_set.unroll` = k > 1 each example chains k shortcut steps from a true f_s, feeding
@@ -66,6 +67,8 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
     Data-parallel when torch.distributed is initialised (`distributed.setup`): each rank trains on
     its slice of every global batch of `batch_size`, as one process would up to float rounding,
     and every rank returns the same EMA weights.
+
+    state: where the run is saved now and then, and resumed from.
     """
     torch.manual_seed(seed)
     base.requires_grad_(False)
@@ -77,10 +80,14 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
     opt = torch.optim.AdamW(shortcut.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < lr_decay_at else 0.1)
     ema = EMA(shortcut, ema_decay, ema_warmup)
-    sampler = TrajectoryBatchSampler(train_set, batch_size, pairs_per_trajectory, seed, distributed.rank(), world)
+    state = state or TrainingState()
+    start = state.resume(model=shortcut, optimizer=opt, schedule=sched, ema=ema.model)
+    sampler = TrajectoryBatchSampler(train_set, batch_size, pairs_per_trajectory, seed, distributed.rank(), world,
+                                     skip=start)  # one batch per update
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0)
     batches = _batches(loader)
-    bar = tqdm(range(1, steps + 1), desc="shortcut", disable=not progress or not distributed.is_main(), leave=False)
+    bar = tqdm(state.updates(steps), desc="shortcut", initial=start, total=steps,
+               disable=not progress or not distributed.is_main(), leave=False)
     for update in bar:
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
         x, loss, cond = batch["feature"], 0.0, branch_cond(base, batch)

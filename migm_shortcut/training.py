@@ -1,9 +1,17 @@
-"""What the training loops share: EMA weights, the non-finite-loss stop, device autocast."""
+"""What the training loops share: EMA weights, the non-finite-loss stop, device autocast, and the
+saved training state that lets a killed run resume."""
 
 import copy
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+from . import distributed
 
 Log = Callable[[int, dict], None]
 
@@ -38,3 +46,92 @@ def check_finite(loss: torch.Tensor, step: int, what: str) -> None:
 def autocast(device: torch.device):
     """bf16 autocast on GPU; plain fp32 on CPU (no bf16 matmul units on these CPUs)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+class TrainingState:
+    """A training run's full state on disk, so that a killed run resumes where it stopped.
+
+    `resume` registers what the loop trains (modules, optimizer, schedule, generators; the global
+    torch random state comes along) and loads a saved state made with the same `fingerprint`;
+    `updates` then yields the updates left and saves after one once `minutes` of work have passed
+    since the last save, or when SIGTERM came (the process then ends as terminated). The stage
+    calls `remove` once its outputs are written. A loop's data position is its update count: its
+    data comes from generators saved here or from a sampler told to skip the updates done
+    (TrajectoryBatchSampler). A save is atomic (temporary file, fsync, rename): `kill -9` at any
+    moment leaves the previous state or the new one. `history` (the logged rows) is saved too, so
+    the curves survive a resume. Under data parallelism every rank resumes and rank 0 writes.
+    With no `path` nothing is saved or loaded (tests, benchmarks).
+    """
+
+    def __init__(self, path: str | Path | None = None, fingerprint: dict | None = None, minutes: float = 10.0,
+                 history: list | None = None):
+        self.path, self.fingerprint, self.seconds = path and Path(path), fingerprint, minutes * 60
+        self.history = [] if history is None else history
+        self.parts: dict = {}
+        self.start = 0
+        self.terminated = False
+
+    def resume(self, **parts) -> int:
+        """Register `parts` (objects with state_dict/load_state_dict, or torch.Generator) and load a
+        matching saved state into them. Returns the number of updates already done (0: none)."""
+        self.parts = parts
+        if self.path is None or not self.path.is_file():
+            return self.start
+        saved = torch.load(self.path, weights_only=True)
+        if saved["fingerprint"] != self.fingerprint:
+            print(f"{self.path}: made with other params or inputs; ignored, training from scratch")
+            return self.start
+        for name, part in parts.items():
+            if isinstance(part, torch.Generator):
+                part.set_state(saved["parts"][name])
+            else:
+                part.load_state_dict(saved["parts"][name])
+        torch.set_rng_state(saved["rng"])
+        if saved["cuda_rng"]:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        self.history[:] = saved["history"]
+        self.start = saved["step"]
+        print(f"{self.path}: resuming after update {self.start}")
+        return self.start
+
+    def updates(self, steps: int):
+        """Updates start+1..steps; after each one, the state is saved when it is due."""
+        catch = self.path is not None and threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if catch else None
+        last_save = time.monotonic()
+        try:
+            for step in range(self.start + 1, steps + 1):
+                yield step  # the loop's body runs here
+                if self.path is not None and (self.terminated or time.monotonic() - last_save >= self.seconds):
+                    self._save(step)
+                    last_save = time.monotonic()
+                if self.terminated:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.raise_signal(signal.SIGTERM)
+        finally:
+            if catch:
+                signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
+
+    def _save(self, step: int) -> None:
+        if not distributed.is_main():
+            return
+        parts = {name: part.get_state() if isinstance(part, torch.Generator) else part.state_dict()
+                 for name, part in self.parts.items()}
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        state = {"fingerprint": self.fingerprint, "step": step, "parts": parts, "rng": torch.get_rng_state(),
+                 "cuda_rng": cuda_rng, "history": list(self.history)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+
+    def remove(self) -> None:
+        """Delete the saved state: the stage's outputs are written, nothing is left to resume."""
+        if self.path is not None and distributed.is_main():
+            self.path.unlink(missing_ok=True)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.terminated = True  # saved after the current update: a state mid-update is inconsistent

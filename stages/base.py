@@ -8,6 +8,7 @@ stages that decode, `sample` for its grids and `evaluate`).
 """
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,12 +17,14 @@ from migm_shortcut.bases import build_base, save_base
 from migm_shortcut.bases.dimoo import load_dimoo
 from migm_shortcut.bases.maskgit import load_maskgit_imagenet
 from migm_shortcut.train_base import train_base
+from migm_shortcut.training import TrainingState
 
 from .common import DATA, device, log_stage, params, write_json
 from .tokenizer import CODES, load_prompt_ids, load_tokenizer
 
 OUT = DATA / "base"
 MODEL = OUT / "model.safetensors"
+RESUME = Path(".migm") / "resume" / "base.pt"  # outside DVC's outputs, which a rerun deletes first
 
 
 def weights_hash(state: dict[str, torch.Tensor]) -> str:
@@ -81,13 +84,17 @@ def main() -> None:
     base.tokenizer.load_state_dict(tokenizer.state_dict())
     base.to(dev)
     history = []
+    fingerprint = {"params": b.model_dump(exclude={"checkpoint_minutes"}), "config": config, "codes": weights_hash(codes)}
+    state = TrainingState(RESUME, fingerprint, b.checkpoint_minutes, history)
     metrics = train_base(base, codes["train_codes"], codes["train_labels"], codes["val_codes"], codes["val_labels"],
                          steps=b.steps, batch_size=b.batch_size, lr=b.lr, warmup=b.warmup, weight_decay=b.weight_decay,
-                         seed=b.seed, device=dev, log=lambda step, stats: history.append({"step": step, **stats}))
+                         seed=b.seed, device=dev, log=lambda step, stats: history.append({"step": step, **stats}),
+                         state=state)
     config["hash"] = weights_hash(base.state_dict())
     save_base(base, MODEL, config)
     metrics["transformer_parameters"] = base.transformer_parameters()
     write_json(OUT / "metrics.json", metrics)
+    state.remove()
     log_stage(p, "base", params=b.model_dump(), metrics=metrics, history=history)
     print(f"base: val loss {metrics['val_loss']:.3f}, {metrics['transformer_parameters'] / 1e6:.2f}M parameters")
 

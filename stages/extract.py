@@ -9,19 +9,18 @@ torchrun rank 0 creates the store, each rank is one worker, and rank 0 writes th
 """
 
 import argparse
-import shutil
 
 import torch
 
 from migm_shortcut import distributed
 from migm_shortcut.bases import load_base
-from migm_shortcut.extract import extract, merge_stats, open_store, store_bytes
+from migm_shortcut.extract import extract, merge_stats, open_store
+from migm_shortcut.store import remove_store, store_bytes
 
 from .base import MODEL as BASE_MODEL
 from .common import DATA, device, sampling_rule, log_stage, params, write_json
 from .tokenizer import prompt_conditions
 
-STORE = DATA / "trajectories.zarr"
 METRICS = DATA / "extract" / "metrics.json"
 
 
@@ -31,11 +30,11 @@ def prepare_store(p, base):
     kwargs = dict(num_samples=p.extract.num_train + p.extract.num_val, dtype=p.extract.dtype,
                   unit_size=p.extract.unit_size, seed=p.extract.seed, **conditions)
     try:
-        return open_store(str(STORE), base, sampling_rule(p), **kwargs)
+        return open_store(p.extract.store, base, sampling_rule(p), **kwargs)
     except ValueError as err:
         print(f"extract: {err}; starting a new store")
-        shutil.rmtree(STORE)
-        return open_store(str(STORE), base, sampling_rule(p), **kwargs)
+        remove_store(p.extract.store)
+        return open_store(p.extract.store, base, sampling_rule(p), **kwargs)
 
 
 def main(argv=None) -> None:
@@ -69,7 +68,7 @@ def main(argv=None) -> None:
     if stats["samples_written"] == 0 and METRICS.is_file():
         print("extract: store complete; nothing to write (metrics of the run that wrote it kept)")
         return
-    size = store_bytes(STORE)
+    size = store_bytes(p.extract.store)
     metrics = {"num_samples": store.num_samples, "store_megabytes": size / 2**20, **stats,
                "write_megabytes_per_second": size / 2**20 * stats["samples_written"] / store.num_samples / stats["seconds"]
                if stats["samples_written"] else 0.0, "workers": args.workers}

@@ -6,6 +6,8 @@
 Under torchrun rank 0 alone validates, saves the checkpoint and logs.
 """
 
+from pathlib import Path
+
 import torch
 
 from migm_shortcut import distributed
@@ -15,13 +17,14 @@ from migm_shortcut.shortcut import Shortcut, ShortcutSpec
 from migm_shortcut.store import PairDataset, TrajectoryStore
 from migm_shortcut.tracking import log_model_checkpoint
 from migm_shortcut.train_shortcut import train_shortcut, validate_shortcut
+from migm_shortcut.training import TrainingState
 
 from .base import MODEL as BASE_MODEL
 from .common import DATA, device, log_stage, params, project_root, write_json
-from .extract import STORE
 
 OUT = DATA / "shortcut"
 MODEL = OUT / "model.safetensors"
+RESUME = Path(".migm") / "resume" / "train_shortcut.pt"  # outside DVC's outputs, which a rerun deletes first
 
 
 def load_shortcut(base_id: str | None = None) -> Shortcut:
@@ -38,22 +41,25 @@ def main() -> None:
     p, dev = params(), distributed.setup() or device()
     s = p.shortcut
     base = load_base(BASE_MODEL, dev)
-    store = TrajectoryStore.open(str(STORE))
+    url = p.extract.store
+    store = TrajectoryStore.open(url)
     if store.meta["base_id"] != base.base_id:
-        raise SystemExit(f"error: {STORE} holds trajectories of {store.meta['base_id']}, not {base.base_id}: rerun extract")
+        raise SystemExit(f"error: {url} holds trajectories of {store.meta['base_id']}, not {base.base_id}: rerun extract")
     # The last num_val trajectories are held out for validation.
     num_train = store.num_samples - p.extract.num_val
-    train_set = PairDataset(str(STORE), range(num_train), unroll=s.unroll)
-    val_set = PairDataset(str(STORE), range(num_train, store.num_samples))
+    train_set = PairDataset(url, range(num_train), unroll=s.unroll)
+    val_set = PairDataset(url, range(num_train, store.num_samples))
     spec = ShortcutSpec(dim=base.dim, bottleneck_ratio=s.bottleneck_ratio, blocks=s.blocks, heads=s.heads,
                         cross_attention=s.cross_attention, time_embedding=s.time_embedding, variant=base.shortcut_variant)
     history = []
+    fingerprint = {"params": s.model_dump(exclude={"checkpoint_minutes"}), "store": store.meta, "num_train": num_train}
+    state = TrainingState(RESUME, fingerprint, s.checkpoint_minutes, history)
     torch.manual_seed(s.seed)  # the same initial weights in every run, on every rank
     model = train_shortcut(Shortcut(spec), base, train_set, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
                            lr_decay_at=s.lr_decay_at, weight_decay=s.weight_decay, ema_decay=s.ema_decay,
                            ema_warmup=s.ema_warmup, grad_clip=s.grad_clip, num_workers=s.num_workers, seed=s.seed,
                            pairs_per_trajectory=s.pairs_per_trajectory,
-                           device=dev, log=lambda step, stats: history.append({"step": step, **stats}))
+                           device=dev, log=lambda step, stats: history.append({"step": step, **stats}), state=state)
     if not distributed.is_main():
         return
     per_step = validate_shortcut(model, base, val_set, device=dev)
@@ -71,6 +77,7 @@ def main() -> None:
     run = log_stage(p, "shortcut", params=s.model_dump(), history=history + [{"step": s.steps, **metrics}],
                     artifacts=[OUT / "val_per_step.json"])
     log_model_checkpoint(project_root(), run, MODEL, load_checkpoint(MODEL)[1])
+    state.remove()
     print(f"shortcut: val MSE / reuse MSE {metrics['val_mse_ratio_mean']:.2f} mean, {metrics['val_mse_ratio_last']:.2f} last step, "
           f"{metrics['val_mse_ratio_max']:.2f} worst; {metrics['parameter_fraction_of_base']:.1%} of the base's parameters")
 

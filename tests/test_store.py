@@ -62,7 +62,7 @@ def test_round_trip(tmp_path, dtype, atol):
 def test_attributes_and_bad_inputs(tmp_path):
     store = create(tmp_path / "s.zarr")
     attrs = zarr.open_group(str(tmp_path / "s.zarr"), mode="r").attrs.asdict()
-    assert attrs["schema_version"] == SCHEMA_VERSION and attrs["unit_size"] == 4 and "created" in attrs
+    assert attrs["schema_version"] == SCHEMA_VERSION and attrs["unit_size"] == 4
     with pytest.raises(ValueError, match="bfloat16"):
         create(tmp_path / "bf.zarr", dtype="bfloat16")
     data = trajectories(n=3)
@@ -170,6 +170,36 @@ def test_pair_dataset(tmp_path):
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)  # lazy per-worker open
     steps = torch.cat([batch["step"] for batch in loader])
     assert sorted(steps.tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_store_holds_nothing_run_specific(tmp_path):
+    """DVC hashes the store: the same data written twice must give the same bytes (no timestamp)."""
+    data = trajectories()
+    for name in ("a.zarr", "b.zarr"):
+        fill(create(tmp_path / name), data, [0, 1, 2])
+    files = sorted(p.relative_to(tmp_path / "a.zarr") for p in (tmp_path / "a.zarr").rglob("*") if p.is_file())
+    assert set(zarr.open_group(str(tmp_path / "a.zarr")).attrs) == {"schema_version", "meta", "shapes", "dtype", "unit_size"}
+    assert files and all((tmp_path / "a.zarr" / f).read_bytes() == (tmp_path / "b.zarr" / f).read_bytes() for f in files)
+
+
+def test_pair_dataset_reads_only_the_steps_it_uses(tmp_path, monkeypatch):
+    url = str(tmp_path / "s.zarr")
+    fill(create(url), trajectories(), [0, 1, 2])
+    ds = PairDataset(url, unroll=2)
+    reads = []
+    original = zarr.AsyncArray.get_orthogonal_selection
+
+    async def logged(self, selection, **kwargs):
+        reads.append(selection)
+        return await original(self, selection, **kwargs)
+
+    monkeypatch.setattr(zarr.AsyncArray, "get_orthogonal_selection", logged)
+    pairs = ds.pairs_per_branch
+    items = [3 * 2 * pairs + 1 * pairs + 1, 3 * 2 * pairs + 0]  # sample 3: (branch 1, step 1), (branch 0, step 0)
+    batch = ds.__getitems__(items)
+    assert sorted(reads) == [(3, 0, [0, 1, 2]), (3, 1, [1, 2, 3])]  # one read per branch, no step it skips
+    features = TrajectoryStore.open(url).features
+    np.testing.assert_array_equal(batch[0]["targets"].numpy(), features[3, 1, 2:4])
 
 
 def test_pair_dataset_refuses_incomplete_units(tmp_path):
