@@ -24,7 +24,7 @@ from migm_shortcut.config import load_params  # noqa: E402
 from migm_shortcut.metrics import measure_latency  # noqa: E402
 from migm_shortcut.sampling import Learned, fixed_threads, generate, generate_on_cores  # noqa: E402
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec  # noqa: E402
-from stages.common import sampling_rule  # noqa: E402
+from stages.extract import sampling_rule  # noqa: E402
 
 
 def models(args, p, dev):

@@ -16,7 +16,6 @@ import torch  # noqa: E402
 from migm_shortcut import tracking  # noqa: E402
 from migm_shortcut.config import ConfigError, Params, load_params  # noqa: E402
 from migm_shortcut.data import DatasetNotFoundError, read_prompts  # noqa: E402
-from migm_shortcut.sampling import SamplingRule  # noqa: E402
 
 DATA = Path("data")
 PARAMS_FILE = Path("params.yaml")
@@ -70,10 +69,6 @@ def _prompt_problems(p: Params) -> list[str]:
         return [f"data.root: {Path(p.data.root) / 'train.txt'} holds {len(prompts['train'])} prompts; extract.num_train + "
                 f"extract.num_val = {wanted} trajectories need one each"]
     return []
-
-
-def sampling_rule(p: Params, steps: int | None = None) -> SamplingRule:
-    return SamplingRule(**{**p.sampling.model_dump(), "steps": steps or p.sampling.steps})
 
 
 def decode_batch(p: Params) -> int:

@@ -33,7 +33,8 @@ from migm_shortcut.metrics import measure_latency
 from migm_shortcut.sampling import Extrapolate, FeatureSource, Learned, Reuse, fixed_threads, generate_on_cores
 
 from .base import MODEL as BASE_MODEL
-from .common import DATA, decode_batch, device, params, sampling_rule, write_json
+from .common import DATA, decode_batch, device, params, write_json
+from .extract import sampling_rule
 from .tokenizer import prompt_conditions
 from .train_shortcut import MODEL as SHORTCUT_MODEL
 from .train_shortcut import load_shortcut
