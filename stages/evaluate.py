@@ -31,7 +31,7 @@ from migm_shortcut.report import CLIP_SCORE, FID, add_comparisons, markdown_tabl
 
 from .base import MODEL as BASE_MODEL
 from .classifier import REFERENCE_FEATURES, load_classifier
-from .common import DATA, decode_batch, device, log_stage, params, read_json, write_json
+from .common import DATA, decode_batch, device, log_stage, params, read_json, sampler_params, stage_args, write_json
 from .prepare import PROMPTS, load_splits
 from .sample import OUT as SAMPLES
 
@@ -156,7 +156,8 @@ def clip_scores(p, base, sets: dict, dev) -> Scores:
     return Scores(rows, difference, {"num_prompts": len(prompts)}, note)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    stage_args(__doc__, argv)
     p, dev = params(), device()
     start = time.perf_counter()
     base = load_base(BASE_MODEL, dev)
@@ -185,7 +186,7 @@ def main() -> None:
     for r in rows:
         numbers = {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                    and k not in ("steps", "budget")}
-        log_stage(p, r["name"], params={"sampler": r["sampler"], "steps": r["steps"], "budget": r["budget"]},
+        log_stage(p, r["name"], params=sampler_params(p, r),
                   metrics=numbers, artifacts=[SAMPLES / r["name"] / "grid.png"])
     log_stage(p, "evaluate", params=p.evaluate.model_dump(), metrics=summary,
               artifacts=[OUT / "pareto.png", OUT / "report.md", OUT / "metrics.json"])
