@@ -24,6 +24,7 @@ import torch
 from migm_shortcut.bases import load_base
 from migm_shortcut.data import reference_dataset_stats, to_float
 from migm_shortcut.images import to_uint8
+from migm_shortcut.headline import headline, plot_rows
 from migm_shortcut.metrics import (ClassifierFeatures, ClipScore, InceptionFeatures, bootstrap_fids, compute_metrics,
                                    extract_features, fid, fid_interval, fid_to_stats, knn_radii, mean_interval, noise_floor,
                                    paired_fid_difference)
@@ -179,7 +180,8 @@ def main(argv=None) -> None:
     pareto_plot(rows, OUT / "pareto.png", f"{p.data.dataset}: {quality.label} vs latency ({p.sample.num_samples} samples each)",
                 quality)
     (OUT / "report.md").write_text(markdown_table(rows, p.sampling.steps, quality, scores.note))
-    write_json(OUT / "pareto.json", [{k: r[k] for k in ("name", "sampler", "steps", "budget", "latency_ms", q)} for r in rows])
+    write_json(OUT / "pareto.json", plot_rows(rows, quality))
+    write_json(OUT / "headline.json", headline(rows, p.sampling.steps, quality))
     summary["seconds"] = time.perf_counter() - start
     write_json(OUT / "metrics.json", {"summary": summary, **{r["name"]: r for r in rows}})
 
