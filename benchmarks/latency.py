@@ -39,7 +39,7 @@ from migm_shortcut.sampling import (FeatureSource, Learned, Reuse, StepState, co
                                     generate_on_cores, sampling_autocast)
 from migm_shortcut.schedules import REVEAL  # noqa: E402
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec  # noqa: E402
-from stages.common import sampling_rule  # noqa: E402
+from stages.extract import sampling_rule  # noqa: E402
 
 # The paper's MaskGIT-512 latencies (SPEC section 7): speedup against vanilla at the same N.
 PAPER = {(15, 7): 50.1 / 25.9, (15, 8): 50.1 / 28.8, (32, 8): 104.6 / 33.7, (32, 9): 104.6 / 36.8,

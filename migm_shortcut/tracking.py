@@ -6,17 +6,19 @@ mapping a pipeline-run key (chosen by the caller, e.g. git commit + params hash)
 working directory: every call gets the real project root.
 
 Only the client API is used (no `mlflow.start_run`), so no process-global "active run" exists.
+A stage's run opens when the stage starts and closes when it ends (`stage_run`), FAILED on error.
 Runs are only ever created and appended to: nothing here deletes, restores or overwrites a run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -161,11 +163,53 @@ def pipeline_run(
     return run_id
 
 
-def _start_child(client: MlflowClient, parent_id: str, name: str, tags: Mapping[str, str] | None) -> str:
+def _numbers(stats: Mapping[str, Any], step: int) -> list[tuple[str, float, int]]:
+    """(key, value, step) of the numeric entries (a "step" key and non-numbers skipped)."""
+    return [(k, v, step) for k, v in stats.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+class StageRun:
+    """A nested MLflow run open while its stage works: metrics land with their step and the time
+    they were measured, so a run lasts as long as its work and a curve is live in the UI."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log(self, step: int, stats: Mapping[str, Any]) -> None:
+        """A training callback: the numeric `stats` at `step`."""
+        _log(self.client, self.run_id, metrics=_numbers(stats, step))
+
+    def log_metrics(self, metrics: Mapping[str, Any]) -> None:
+        """Final values, at step 0."""
+        self.log(0, metrics)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        _log(self.client, self.run_id, params=params)
+
+    def log_artifacts(self, paths: Iterable[Path]) -> None:
+        """Files or folders."""
+        for path in map(Path, paths):
+            log = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
+            _retry(log, self.run_id, str(path))
+
+
+@contextlib.contextmanager
+def stage_run(root: Path, parent_id: str, name: str, *, params: Mapping[str, Any] | None = None,
+              tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
+    """A nested run under `parent_id`, started now and ended when the block ends: FINISHED, or
+    FAILED when the block raises (the error propagates)."""
+    client = _client(tracking_uri(root))
     experiment_id = _retry(client.get_run, parent_id).info.experiment_id
-    tags = {**(tags or {}), MLFLOW_PARENT_RUN_ID: parent_id}
-    run = _retry(client.create_run, experiment_id, run_name=name, tags=tags)
-    return run.info.run_id
+    run = _retry(client.create_run, experiment_id, run_name=name, tags={**(tags or {}), MLFLOW_PARENT_RUN_ID: parent_id})
+    stage = StageRun(client, run.info.run_id)
+    status = "FAILED"
+    try:
+        stage.log_params(params or {})
+        yield stage
+        status = "FINISHED"
+    finally:
+        _retry(client.set_terminated, stage.run_id, status)
 
 
 def child_run(
@@ -179,26 +223,16 @@ def child_run(
     artifacts: Iterable[Path] = (),
     tags: Mapping[str, str] | None = None,
 ) -> str:
-    """Log one finished nested run; its id.
+    """Log one finished nested run at once; its id.
 
     `metrics` are final values; `history` is a training curve, one dict per logged step (its
     "step" key, else its index; non-numeric entries skipped); `artifacts` are files or folders.
     """
-    client = _client(tracking_uri(root))
-    run_id = _start_child(client, parent_id, name, tags)
-    points = [
-        (k, v, int(h.get("step", i)))
-        for i, h in enumerate(history)
-        for k, v in h.items()
-        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
-    ]
-    points += [(k, v, 0) for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    _log(client, run_id, params=params, metrics=points)
-    for path in map(Path, artifacts):
-        log = client.log_artifacts if path.is_dir() else client.log_artifact
-        _retry(log, run_id, str(path))
-    _retry(client.set_terminated, run_id)
-    return run_id
+    with stage_run(root, parent_id, name, params=params, tags=tags) as run:
+        points = [x for i, h in enumerate(history) for x in _numbers(h, int(h.get("step", i)))]
+        _log(run.client, run.run_id, metrics=points + _numbers(metrics or {}, 0))  # one batch, not one call a step
+        run.log_artifacts(artifacts)
+    return run.run_id
 
 
 def log_model_checkpoint(

@@ -19,7 +19,7 @@ from migm_shortcut.bases.maskgit import load_maskgit_imagenet
 from migm_shortcut.train_base import train_base
 from migm_shortcut.training import TrainingState
 
-from .common import DATA, device, log_stage, params, write_json
+from .common import DATA, device, log_stage, params, stage_args, training_run, write_json
 from .tokenizer import CODES, load_prompt_ids, load_tokenizer
 
 OUT = DATA / "base"
@@ -68,7 +68,8 @@ def import_published(p) -> None:
     print(f"base: imported {b.name} ({metrics['transformer_parameters'] / 1e6:.1f}M transformer parameters)")
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    stage_args(__doc__, argv)
     p, dev = params(), device()
     if p.is_published:
         return import_published(p)
@@ -83,19 +84,18 @@ def main() -> None:
     base = build_base(config)
     base.tokenizer.load_state_dict(tokenizer.state_dict())
     base.to(dev)
-    history = []
     fingerprint = {"params": b.model_dump(exclude={"checkpoint_minutes"}), "config": config, "codes": weights_hash(codes)}
-    state = TrainingState(RESUME, fingerprint, b.checkpoint_minutes, history)
-    metrics = train_base(base, codes["train_codes"], codes["train_labels"], codes["val_codes"], codes["val_labels"],
-                         steps=b.steps, batch_size=b.batch_size, lr=b.lr, warmup=b.warmup, weight_decay=b.weight_decay,
-                         seed=b.seed, device=dev, log=lambda step, stats: history.append({"step": step, **stats}),
-                         state=state)
-    config["hash"] = weights_hash(base.state_dict())
-    save_base(base, MODEL, config)
-    metrics["transformer_parameters"] = base.transformer_parameters()
-    write_json(OUT / "metrics.json", metrics)
-    state.remove()
-    log_stage(p, "base", params=b.model_dump(), metrics=metrics, history=history)
+    with training_run(p, "base", params=b.model_dump()) as curve:
+        state = TrainingState(RESUME, fingerprint, b.checkpoint_minutes, curve.points)
+        metrics = train_base(base, codes["train_codes"], codes["train_labels"], codes["val_codes"], codes["val_labels"],
+                             steps=b.steps, batch_size=b.batch_size, lr=b.lr, warmup=b.warmup,
+                             weight_decay=b.weight_decay, seed=b.seed, device=dev, log=curve, state=state)
+        config["hash"] = weights_hash(base.state_dict())
+        save_base(base, MODEL, config)
+        metrics["transformer_parameters"] = base.transformer_parameters()
+        write_json(OUT / "metrics.json", metrics)
+        curve.run.log_metrics(metrics)
+        state.remove()
     print(f"base: val loss {metrics['val_loss']:.3f}, {metrics['transformer_parameters'] / 1e6:.2f}M parameters")
 
 

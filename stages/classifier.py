@@ -15,7 +15,7 @@ from migm_shortcut.classifier import DomainClassifier, accuracy, fit_classifier
 from migm_shortcut.data import iter_reference_images, to_float
 from migm_shortcut.metrics import InceptionFeatures
 
-from .common import DATA, device, log_stage, params, write_json
+from .common import DATA, device, log_stage, params, stage_args, training_run, write_json
 from .prepare import load_splits
 
 OUT = DATA / "classifier"
@@ -43,7 +43,8 @@ def reference_features(p, dev) -> dict:
     return {"num_reference": len(feats), "seconds": seconds, "images_per_second": len(feats) / seconds}
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    stage_args(__doc__, argv)
     p = params()
     OUT.mkdir(parents=True, exist_ok=True)
     if p.is_text_to_image:
@@ -62,14 +63,14 @@ def main() -> None:
     config = dict(num_classes=splits["train"].num_classes, feature_dim=p.classifier.feature_dim,
                   channels=splits["train"].images.shape[1])
     model = DomainClassifier(**config)
-    history = []
-    metrics = fit_classifier(model, splits["train"], splits["val"], steps=p.classifier.steps,
-                             batch_size=p.classifier.batch_size, lr=p.classifier.lr, seed=p.classifier.seed,
-                             log=lambda step, stats: history.append({"step": step, **stats}))
-    metrics["test_accuracy"] = accuracy(model, splits["test"])
-    save_checkpoint(MODEL, model.state_dict(), {"kind": "domain-classifier", "model": config})
-    write_json(METRICS, metrics)
-    log_stage(p, "classifier", params=p.classifier.model_dump(), metrics=metrics, history=history)
+    with training_run(p, "classifier", params=p.classifier.model_dump()) as curve:
+        metrics = fit_classifier(model, splits["train"], splits["val"], steps=p.classifier.steps,
+                                 batch_size=p.classifier.batch_size, lr=p.classifier.lr, seed=p.classifier.seed,
+                                 log=curve)
+        metrics["test_accuracy"] = accuracy(model, splits["test"])
+        save_checkpoint(MODEL, model.state_dict(), {"kind": "domain-classifier", "model": config})
+        write_json(METRICS, metrics)
+        curve.run.log_metrics(metrics)
     print(f"classifier: val accuracy {metrics['val_accuracy']:.2%}, test accuracy {metrics['test_accuracy']:.2%}")
 
 

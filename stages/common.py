@@ -1,5 +1,7 @@
 """What every stage shares: telemetry off, the project root, params, device, JSON outputs, MLflow."""
 
+import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -14,12 +16,18 @@ telemetry.switch_off()  # before torch, mlflow and transformers are imported
 import torch  # noqa: E402
 
 from migm_shortcut import tracking  # noqa: E402
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE  # noqa: E402
+
 from migm_shortcut.config import ConfigError, Params, load_params  # noqa: E402
 from migm_shortcut.data import DatasetNotFoundError, read_prompts  # noqa: E402
-from migm_shortcut.sampling import SamplingRule  # noqa: E402
 
 DATA = Path("data")
 PARAMS_FILE = Path("params.yaml")
+
+
+def stage_args(doc: str, argv=None) -> argparse.Namespace:
+    """The command line of a stage without options: `--help` prints `doc` before any work starts."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
 
 
 def project_root() -> Path:
@@ -70,10 +78,6 @@ def _prompt_problems(p: Params) -> list[str]:
         return [f"data.root: {Path(p.data.root) / 'train.txt'} holds {len(prompts['train'])} prompts; extract.num_train + "
                 f"extract.num_val = {wanted} trajectories need one each"]
     return []
-
-
-def sampling_rule(p: Params, steps: int | None = None) -> SamplingRule:
-    return SamplingRule(**{**p.sampling.model_dump(), "steps": steps or p.sampling.steps})
 
 
 def decode_batch(p: Params) -> int:
@@ -131,14 +135,61 @@ def parent_run(p: Params) -> str:
     root = project_root()
     return tracking.pipeline_run(
         root, p.tracking.experiment, run_name=f"pipeline {key}", params=p.model_dump(mode="json"),
-        tags={"git_commit": commit, "git_dirty": str(bool(_git("status", "--porcelain", "-uno"))), **_dvc_hashes()},
+        tags={**source_tags(commit), "git_dirty": str(bool(_git("status", "--porcelain", "-uno"))), **_dvc_hashes()},
         key=key, state_file=root / ".migm" / "pipeline_runs.json",
     )  # fmt: skip
 
 
+def source_tags(commit: str) -> dict[str, str]:
+    """MLflow's standard source tags: the UI links a run to its commit and entry point."""
+    return {MLFLOW_GIT_COMMIT: commit, MLFLOW_SOURCE_NAME: " ".join(sys.argv), MLFLOW_SOURCE_TYPE: "LOCAL"}
+
+
+@contextlib.contextmanager
+def stage_run(p: Params, name: str, *, params: dict | None = None):
+    """The MLflow child run of a working stage, open while the block runs (FAILED if it raises):
+    pass its `log` as a training loop's callback and the curve is logged as it happens."""
+    with tracking.stage_run(project_root(), parent_run(p), name, params=params,
+                            tags=source_tags(_git("rev-parse", "HEAD"))) as run:
+        yield run
+
+
+CURVES = DATA / "curves"
+
+
+class Curve:
+    """A training loop's `log(step, stats)` callback: each point goes to the stage's MLflow run at
+    once and is kept for the DVC plot (data/curves/NAME.json)."""
+
+    def __init__(self, run: tracking.StageRun):
+        self.run, self.points = run, []
+
+    def __call__(self, step: int, stats: dict) -> None:
+        self.points.append({"step": step, **stats})
+        self.run.log(step, stats)
+
+
+@contextlib.contextmanager
+def training_run(p: Params, name: str, *, params: dict):
+    """`stage_run` for a training stage, yielding its Curve; when the block ends, the curve's
+    training points (those with a loss; the last is the final validation) go to data/curves/NAME.json."""
+    with stage_run(p, name, params=params) as run:
+        curve = Curve(run)
+        yield curve
+        write_json(CURVES / f"{name}.json", [point for point in curve.points if "loss" in point])
+
+
 def log_stage(p: Params, name: str, *, params: dict | None = None, metrics: dict | None = None,
-              history: list[dict] = (), artifacts: list[Path] = ()) -> str:
-    """One MLflow child run for a stage under the pipeline's parent run."""
+              artifacts: list[Path] = ()) -> str:
+    """One MLflow child run, logged at once, for a result under the pipeline's parent run."""
     root = project_root()
-    return tracking.child_run(root, parent_run(p), name, params=params, metrics=metrics, history=history,
-                              artifacts=artifacts)
+    return tracking.child_run(root, parent_run(p), name, params=params, metrics=metrics, artifacts=artifacts,
+                              tags=source_tags(_git("rev-parse", "HEAD")))
+
+
+def sampler_params(p: Params, row: dict) -> dict:
+    """What a sampler configuration's run records: its setting, the sampling rule at its steps, and
+    the shortcut's settings when it samples with one."""
+    params = {"sampler": row["sampler"], "steps": row["steps"], "budget": row["budget"],
+              "sampling": {**p.sampling.model_dump(), "steps": row["steps"]}}
+    return params | ({"shortcut": p.shortcut.model_dump()} if row["sampler"] == "shortcut" else {})

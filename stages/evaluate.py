@@ -24,6 +24,7 @@ import torch
 from migm_shortcut.bases import load_base
 from migm_shortcut.data import reference_dataset_stats, to_float
 from migm_shortcut.images import to_uint8
+from migm_shortcut.headline import headline, plot_rows
 from migm_shortcut.metrics import (ClassifierFeatures, ClipScore, InceptionFeatures, bootstrap_fids, compute_metrics,
                                    extract_features, fid, fid_interval, fid_to_stats, knn_radii, mean_interval, noise_floor,
                                    paired_fid_difference)
@@ -31,7 +32,7 @@ from migm_shortcut.report import CLIP_SCORE, FID, add_comparisons, markdown_tabl
 
 from .base import MODEL as BASE_MODEL
 from .classifier import REFERENCE_FEATURES, load_classifier
-from .common import DATA, decode_batch, device, log_stage, params, read_json, write_json
+from .common import DATA, decode_batch, device, log_stage, params, read_json, sampler_params, stage_args, write_json
 from .prepare import PROMPTS, load_splits
 from .sample import OUT as SAMPLES
 
@@ -156,7 +157,8 @@ def clip_scores(p, base, sets: dict, dev) -> Scores:
     return Scores(rows, difference, {"num_prompts": len(prompts)}, note)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    stage_args(__doc__, argv)
     p, dev = params(), device()
     start = time.perf_counter()
     base = load_base(BASE_MODEL, dev)
@@ -178,14 +180,15 @@ def main() -> None:
     pareto_plot(rows, OUT / "pareto.png", f"{p.data.dataset}: {quality.label} vs latency ({p.sample.num_samples} samples each)",
                 quality)
     (OUT / "report.md").write_text(markdown_table(rows, p.sampling.steps, quality, scores.note))
-    write_json(OUT / "pareto.json", [{k: r[k] for k in ("name", "sampler", "steps", "budget", "latency_ms", q)} for r in rows])
+    write_json(OUT / "pareto.json", plot_rows(rows, quality))
+    write_json(OUT / "headline.json", headline(rows, p.sampling.steps, quality))
     summary["seconds"] = time.perf_counter() - start
     write_json(OUT / "metrics.json", {"summary": summary, **{r["name"]: r for r in rows}})
 
     for r in rows:
         numbers = {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                    and k not in ("steps", "budget")}
-        log_stage(p, r["name"], params={"sampler": r["sampler"], "steps": r["steps"], "budget": r["budget"]},
+        log_stage(p, r["name"], params=sampler_params(p, r),
                   metrics=numbers, artifacts=[SAMPLES / r["name"] / "grid.png"])
     log_stage(p, "evaluate", params=p.evaluate.model_dump(), metrics=summary,
               artifacts=[OUT / "pareto.png", OUT / "report.md", OUT / "metrics.json"])

@@ -16,12 +16,20 @@ from migm_shortcut import distributed
 from migm_shortcut.bases import load_base
 from migm_shortcut.extract import extract, merge_stats, open_store
 from migm_shortcut.store import remove_store, store_bytes
+from migm_shortcut.sampling import SamplingRule
 
 from .base import MODEL as BASE_MODEL
-from .common import DATA, device, sampling_rule, log_stage, params, write_json
+from .common import DATA, device, log_stage, params, write_json
 from .tokenizer import prompt_conditions
 
 METRICS = DATA / "extract" / "metrics.json"
+
+
+def sampling_rule(p, steps: int | None = None) -> SamplingRule:
+    """params.yaml's rule (at `steps`, default sampling.steps): the one extraction records and every
+    sampler follows. It lives here, not in common.py, so stages that never sample do not import the
+    sampler (and dvc.yaml need not rerun them when it changes)."""
+    return SamplingRule(**{**p.sampling.model_dump(), "steps": steps or p.sampling.steps})
 
 
 def prepare_store(p, base):

@@ -10,7 +10,7 @@ import numpy as np
 
 from migm_shortcut.data import DatasetNotFoundError, Split, load_dataset, read_prompts, reference_batch_info
 
-from .common import DATA, params, write_json
+from .common import DATA, params, stage_args, write_json
 
 SPLITS = DATA / "dataset" / "splits.npz"
 PROMPTS = DATA / "dataset" / "prompts.json"
@@ -28,7 +28,8 @@ def load_splits() -> dict[str, Split]:
                 for name in ("train", "val", "test")}
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    stage_args(__doc__, argv)
     p = params()
     (DATA / "dataset").mkdir(parents=True, exist_ok=True)
     if p.data.dataset == "imagenet":

@@ -28,13 +28,15 @@ from tqdm import tqdm
 
 from migm_shortcut.bases import load_base
 from migm_shortcut.config import SamplerSetting
+from migm_shortcut.hardware import hardware_identity
 from migm_shortcut.images import save_grid, to_uint8
 from migm_shortcut.metrics import measure_latency
 from migm_shortcut.sampling import (Extrapolate, FeatureSource, Learned, Reuse, fixed_threads, generate_on_cores,
                                     sampling_autocast)
 
 from .base import MODEL as BASE_MODEL
-from .common import DATA, decode_batch, device, params, sampling_rule, write_json
+from .common import DATA, decode_batch, device, params, write_json
+from .extract import sampling_rule
 from .tokenizer import prompt_conditions
 from .train_shortcut import MODEL as SHORTCUT_MODEL
 from .train_shortcut import load_shortcut
@@ -133,6 +135,7 @@ def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: flo
             "base_calls": setting.budget, "feature_source_calls": setting.steps - setting.budget,
             "latency_ms": latency["median_ms_per_image"], "latency_p10_ms": latency["p10"],
             "latency_p90_ms": latency["p90"], "latency_repeats": latency["repeats"], "latency_batch_size": s.batch_size,
+            **hardware_identity(dev, cores),
             "latency_with_decoder_ms": latency["median_ms_per_image"] + decoder_ms, "device": str(dev),
             "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
             "fingerprint": fp}

@@ -10,7 +10,7 @@ import numpy as np
 from migm_shortcut.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from migm_shortcut.tokenizer import VQTokenizer, encode_dataset, fit_tokenizer
 
-from .common import DATA, log_stage, params, read_json, write_json
+from .common import DATA, params, read_json, stage_args, training_run, write_json
 from .prepare import PROMPTS, load_splits
 
 OUT = DATA / "tokenizer"
@@ -60,7 +60,8 @@ def prompt_conditions(base, prompt_set: str):
     return base.pad_prompts(load_prompt_ids()[prompt_set])
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    stage_args(__doc__, argv)
     p = params()
     OUT.mkdir(parents=True, exist_ok=True)
     if p.is_published:
@@ -73,16 +74,15 @@ def main() -> None:
     splits = load_splits()
     config = tokenizer_config(p, channels=splits["train"].images.shape[1])
     model = VQTokenizer(**config)
-    history = []
-    metrics = fit_tokenizer(model, splits["train"].images, splits["val"].images, steps=p.tokenizer.steps,
-                            batch_size=p.tokenizer.batch_size, lr=p.tokenizer.lr, seed=p.tokenizer.seed,
-                            log=lambda step, stats: history.append({"step": step, **stats}))
-    model.eval()
-    save_checkpoint(MODEL, model.state_dict(), {"kind": "vq-tokenizer", "model": config})
-    codes = {f"{k}_codes": encode_dataset(model, splits[k].images).numpy().astype(np.int16) for k in ("train", "val")}
-    np.savez(CODES, **codes, **{f"{k}_labels": splits[k].labels.numpy() for k in ("train", "val")})
-    write_json(METRICS, metrics)
-    log_stage(p, "tokenizer", params=p.tokenizer.model_dump(), metrics=metrics, history=history)
+    with training_run(p, "tokenizer", params=p.tokenizer.model_dump()) as curve:
+        metrics = fit_tokenizer(model, splits["train"].images, splits["val"].images, steps=p.tokenizer.steps,
+                                batch_size=p.tokenizer.batch_size, lr=p.tokenizer.lr, seed=p.tokenizer.seed, log=curve)
+        model.eval()
+        save_checkpoint(MODEL, model.state_dict(), {"kind": "vq-tokenizer", "model": config})
+        codes = {f"{k}_codes": encode_dataset(model, splits[k].images).numpy().astype(np.int16) for k in ("train", "val")}
+        np.savez(CODES, **codes, **{f"{k}_labels": splits[k].labels.numpy() for k in ("train", "val")})
+        write_json(METRICS, metrics)
+        curve.run.log_metrics(metrics)
     print(f"tokenizer: val mse {metrics['mse']:.4f}, codebook usage {metrics['usage']:.0%}, perplexity {metrics['perplexity']:.0f}")
 
 

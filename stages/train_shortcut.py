@@ -6,6 +6,7 @@
 Under torchrun rank 0 alone validates, saves the checkpoint and logs.
 """
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from migm_shortcut.train_shortcut import train_shortcut, validate_shortcut
 from migm_shortcut.training import TrainingState
 
 from .base import MODEL as BASE_MODEL
-from .common import DATA, device, log_stage, params, project_root, write_json
+from .common import DATA, device, params, project_root, stage_args, training_run, write_json
 
 OUT = DATA / "shortcut"
 MODEL = OUT / "model.safetensors"
@@ -37,7 +38,8 @@ def load_shortcut(base_id: str | None = None) -> Shortcut:
     return model.eval().requires_grad_(False)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    stage_args(__doc__, argv)
     p, dev = params(), distributed.setup() or device()
     s = p.shortcut
     base = load_base(BASE_MODEL, dev)
@@ -51,33 +53,34 @@ def main() -> None:
     val_set = PairDataset(url, range(num_train, store.num_samples))
     spec = ShortcutSpec(dim=base.dim, bottleneck_ratio=s.bottleneck_ratio, blocks=s.blocks, heads=s.heads,
                         cross_attention=s.cross_attention, time_embedding=s.time_embedding, variant=base.shortcut_variant)
-    history = []
     fingerprint = {"params": s.model_dump(exclude={"checkpoint_minutes"}), "store": store.meta, "num_train": num_train}
-    state = TrainingState(RESUME, fingerprint, s.checkpoint_minutes, history)
     torch.manual_seed(s.seed)  # the same initial weights in every run, on every rank
-    model = train_shortcut(Shortcut(spec), base, train_set, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
-                           lr_decay_at=s.lr_decay_at, weight_decay=s.weight_decay, ema_decay=s.ema_decay,
-                           ema_warmup=s.ema_warmup, grad_clip=s.grad_clip, num_workers=s.num_workers, seed=s.seed,
-                           pairs_per_trajectory=s.pairs_per_trajectory,
-                           device=dev, log=lambda step, stats: history.append({"step": step, **stats}), state=state)
-    if not distributed.is_main():
-        return
-    per_step = validate_shortcut(model, base, val_set, device=dev)
-    save_checkpoint(MODEL, model.state_dict(), {"kind": "shortcut", "spec": spec.to_dict(), "base_id": base.base_id,
-                                                "trained_on_steps": store.steps, "updates": s.steps})
-    ratios = [r["mse_ratio"] for r in per_step]
-    size = sum(t.numel() for t in model.parameters())
-    metrics = {"val_mse_ratio_mean": sum(ratios) / len(ratios), "val_mse_ratio_max": max(ratios),
-               "val_mse_ratio_last": ratios[-1], "val_cosine_mean": sum(r["cosine"] for r in per_step) / len(per_step),
-               "val_reuse_cosine_mean": sum(r["reuse_cosine"] for r in per_step) / len(per_step),
-               "parameters": size, "parameter_fraction_of_base": size / base.transformer_parameters(),
-               "final_loss": history[-1]["loss"]}
-    write_json(OUT / "metrics.json", metrics)
-    write_json(OUT / "val_per_step.json", per_step)
-    run = log_stage(p, "shortcut", params=s.model_dump(), history=history + [{"step": s.steps, **metrics}],
-                    artifacts=[OUT / "val_per_step.json"])
-    log_model_checkpoint(project_root(), run, MODEL, load_checkpoint(MODEL)[1])
-    state.remove()
+    main_rank = distributed.is_main()  # it alone logs, validates and saves
+    with training_run(p, "shortcut", params=s.model_dump()) if main_rank else contextlib.nullcontext() as curve:
+        state = TrainingState(RESUME, fingerprint, s.checkpoint_minutes, curve.points if curve else None)
+        model = train_shortcut(Shortcut(spec), base, train_set, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
+                               lr_decay_at=s.lr_decay_at, weight_decay=s.weight_decay, ema_decay=s.ema_decay,
+                               ema_warmup=s.ema_warmup, grad_clip=s.grad_clip, num_workers=s.num_workers, seed=s.seed,
+                               pairs_per_trajectory=s.pairs_per_trajectory, device=dev, log=curve, state=state)
+        if not main_rank:
+            return
+        per_step = validate_shortcut(model, base, val_set, device=dev)
+        save_checkpoint(MODEL, model.state_dict(), {"kind": "shortcut", "spec": spec.to_dict(), "base_id": base.base_id,
+                                                    "trained_on_steps": store.steps, "updates": s.steps})
+        ratios = [r["mse_ratio"] for r in per_step]
+        size = sum(t.numel() for t in model.parameters())
+        metrics = {"val_mse_ratio_mean": sum(ratios) / len(ratios), "val_mse_ratio_max": max(ratios),
+                   "val_mse_ratio_last": ratios[-1],
+                   "val_cosine_mean": sum(r["cosine"] for r in per_step) / len(per_step),
+                   "val_reuse_cosine_mean": sum(r["reuse_cosine"] for r in per_step) / len(per_step),
+                   "parameters": size, "parameter_fraction_of_base": size / base.transformer_parameters(),
+                   "final_loss": curve.points[-1]["loss"]}
+        write_json(OUT / "metrics.json", metrics)
+        write_json(OUT / "val_per_step.json", per_step)
+        curve.run.log(s.steps, metrics)
+        curve.run.log_artifacts([OUT / "val_per_step.json"])
+        log_model_checkpoint(project_root(), curve.run.run_id, MODEL, load_checkpoint(MODEL)[1])
+        state.remove()
     print(f"shortcut: val MSE / reuse MSE {metrics['val_mse_ratio_mean']:.2f} mean, {metrics['val_mse_ratio_last']:.2f} last step, "
           f"{metrics['val_mse_ratio_max']:.2f} worst; {metrics['parameter_fraction_of_base']:.1%} of the base's parameters")
 

@@ -1,12 +1,14 @@
 """Typed params: the profiles load, and every bad value fails early with its key named."""
 
 import copy
+import typing
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from migm_shortcut.config import PROFILES_DIR, ConfigError, Params, load_params, parse_params, use_profile
 
@@ -216,3 +218,26 @@ def test_duplicate_grid_entries_do_not_share_a_folder(smoke, path, value):
         return
     names = [s.name for s in p.sample.settings()]
     assert len(names) == len(set(names)), f"duplicate configurations {sorted(n for n in set(names) if names.count(n) > 1)}"
+
+
+def config_model(annotation) -> type[BaseModel] | None:
+    """The config model a field holds (also inside `X | None`), None for plain values."""
+    return next((t for t in (annotation, *typing.get_args(annotation)) if isinstance(t, type) and issubclass(t, BaseModel)), None)
+
+
+def fields_missing(raw: dict, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted keys of `model`'s fields, and of the config models it holds where given, absent from `raw`."""
+    out = []
+    for key, field in model.model_fields.items():
+        if key not in raw:
+            out.append(prefix + key)
+        elif isinstance(raw[key], dict) and (sub := config_model(field.annotation)):
+            out += fields_missing(raw[key], sub, f"{prefix}{key}.")
+    return out
+
+
+@pytest.mark.parametrize("path", sorted(PROFILES_DIR.glob("*.yaml")) + [REPO / "params.yaml"], ids=lambda p: p.name)
+def test_profiles_write_every_param_explicitly(path):
+    """Defaults written out: `dvc params diff` shows them and a changed default reruns its stages."""
+    missing = fields_missing(yaml.safe_load(path.read_text()), Params)
+    assert not missing, f"{path.name} leaves {missing} to the defaults in config.py"

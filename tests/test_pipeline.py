@@ -109,7 +109,7 @@ def test_dvc_experiment_reruns_only_sampling_and_logs_to_the_projects_mlflow(pro
     shown = json.loads(run(["dvc", "exp", "show", "--json"], root).stdout)
     exps = [r for entry in shown for e in entry.get("experiments") or [] for r in e["revs"]]
     assert [r["data"]["params"]["params.yaml"]["data"]["sample"]["seed"] for r in exps] == [7]
-    assert "data/report/metrics.json" in exps[0]["data"]["metrics"]
+    assert "data/report/headline.json" in exps[0]["data"]["metrics"]
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns.db'}")
     runs = client.search_runs([client.get_experiment_by_name("migm-shortcut").experiment_id], max_results=500)

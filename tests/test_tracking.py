@@ -101,3 +101,23 @@ def test_retry_on_locked_database(monkeypatch: pytest.MonkeyPatch):
     with pytest.raises(ValueError):
         tracking._retry(broken)
     assert len(attempts) == 1  # only "database is locked" is retried
+
+
+def test_stage_run_is_open_while_its_stage_works_and_fails_with_it(root: Path):
+    parent = tracking.pipeline_run(root, "test-exp", "pipeline", params={}, tags={}, key="k",
+                                   state_file=root / "parents.json")
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(root))
+    with tracking.stage_run(root, parent, "train", params={"lr": 0.1}) as run:
+        assert client.get_run(run.run_id).info.status == "RUNNING"
+        for step in range(3):
+            run.log(step, {"loss": 1.0 / (step + 1), "note": "skipped"})
+        live = client.get_metric_history(run.run_id, "loss")
+        assert [m.step for m in live] == [0, 1, 2]  # logged as it happens, before the stage ends
+    finished = client.get_run(run.run_id).info
+    assert finished.status == "FINISHED" and finished.end_time >= live[-1].timestamp
+    assert client.get_run(run.run_id).data.params == {"lr": "0.1"}
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracking.stage_run(root, parent, "broken") as failing:
+            raise RuntimeError("boom")
+    assert client.get_run(failing.run_id).info.status == "FAILED"

@@ -1,0 +1,49 @@
+"""The headline metrics and the plot rows of an evaluated grid."""
+
+import pytest
+import torch
+
+from migm_shortcut.hardware import hardware_identity
+from migm_shortcut.headline import headline, plot_rows
+from migm_shortcut.report import CLIP_SCORE, FID
+from test_pick import ROWS
+
+
+def test_headline_answers_the_budget_questions():
+    h = headline(ROWS, 8, FID)
+    assert h == {"reference_fid": 20.0, "reference_latency_ms": 8.0, "max_shortcut_speedup": 8.0 / 3.5,
+                 "dominating_configurations": 0, "speedup_within_5pct_loss": 8.0 / 3.5, "fid_within_5pct_loss": 20.8,
+                 "best_fid_at_2x": 20.8}
+    assert all(isinstance(v, (int, float)) for v in h.values()) and len(h) <= 20
+
+
+def test_headline_leaves_out_what_no_configuration_answers_and_adds_paired_differences():
+    rows = [r for r in ROWS if r["sampler"] == "vanilla"]  # nothing faster than the reference within 5%
+    rows += [{**ROWS[2], "fid": 30.0, "fid_minus_reuse": -1.5, "dominates_slower_vanilla": True}]
+    h = headline(rows, 8, FID)
+    assert "speedup_within_5pct_loss" not in h and h["best_fid_at_2x"] == 30.0
+    assert h["shortcut-N8-B3_fid_minus_reuse"] == -1.5 and h["dominating_configurations"] == 1
+
+
+def test_plot_rows_carry_a_generic_quality_field():
+    rows = [{**r, "clip_score": 40 - r["fid"]} for r in ROWS]
+    points = plot_rows(rows, CLIP_SCORE)
+    assert points[0]["quality"] == 10.0 and "quality_ci_low" not in points[0]
+    assert plot_rows(ROWS, FID)[1] == {"name": "vanilla-N8", "sampler": "vanilla", "steps": 8, "budget": 8,
+                                             "latency_ms": 8.0, "quality": 20.0, "quality_ci_low": 19.0,
+                                             "quality_ci_high": 21.0}
+
+
+def test_rows_from_different_hardware_do_not_compare():
+    here = {"hardware": "Xeon", "threads": 2, "torch": "2.13.0"}
+    rows = [{**r, **here} for r in ROWS]
+    assert headline(rows, 8, FID)["reference_fid"] == 20.0
+    rows[3] = {**rows[3], "hardware": "NVIDIA H200"}
+    with pytest.raises(ValueError, match="vanilla-N4 was timed with hardware='Xeon', shortcut-N8-B4 with "
+                                         "hardware='NVIDIA H200'"):
+        headline(rows, 8, FID)
+
+
+def test_hardware_identity_names_this_machine():
+    identity = hardware_identity(torch.device("cpu"), 3)
+    assert identity["threads"] == 3 and identity["torch"] == torch.__version__ and identity["hardware"]
