@@ -251,8 +251,9 @@ def main() -> None:
     parser.add_argument("--project", default=".")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--profile")
+    parser.add_argument("--distribute", action="store_true", help="units on the work pool (PREFECT_API_URL)")
     args = parser.parse_args()
-    pipeline(project=args.project, workers=args.workers, profile=args.profile)
+    pipeline(project=args.project, workers=args.workers, profile=args.profile, distribute=args.distribute)
 
 
 if __name__ == "__main__":
