@@ -95,9 +95,13 @@ def _killed(task, task_run, state) -> bool:
     return False
 
 
+def head(project: str) -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+
+
 def check_commit(project: str, commit: str | None) -> None:
     """Refuse to run other code than the deployed commit (None: not deployed, nothing to check)."""
-    here = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    here = head(project)
     if commit and here != commit:
         raise RuntimeError(f"error: this worker's checkout {project} is at commit {here or 'unknown'}, the "
                            f"deployment at {commit}: check out {commit} there (git fetch && git checkout {commit})")
@@ -212,6 +216,7 @@ def pipeline(project: str = ".", workers: int = 1, profile: str | None = None, p
     extraction and sampling run as units of work. The units' records (worker, device, output)."""
     project = str(Path(project).resolve())
     check_commit(project, commit)
+    commit = commit or (head(project) if distribute else None)  # the units run this flow's code
     if profile:
         _run([sys.executable, "-m", "stages.cli", "profile", profile], project)
     if pull:

@@ -81,7 +81,7 @@ def flow_project(project, tmp_path_factory) -> Path:
     return root
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -130,7 +130,7 @@ def start_worker(env: dict, checkout: Path, pool: str, name: str | None = None, 
 def prefect_server(tmp: Path, deploy_from: Path):
     """A Prefect server on loopback with the `driver` and `gpu` process pools and the deployments of
     `deploy_from`: (the environment that talks to it, a `prefect` CLI runner)."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_HOME": str(tmp / "prefect"),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1"}
