@@ -132,13 +132,24 @@ def stage_unit(args: list[str], output: str, spec: str, commit: str | None = Non
     project = str(Path(project).resolve())
     check_commit(project, commit)
     transfer.download(spec, Path(project), Path(project), overwrite=True)
-    _run(["dvc", "pull", "--allow-missing"], project)
+    _run(["dvc", "pull", *_inputs(args, project)], project)
     run_unit, timeout_s = _unit(project)
     run_unit(args, project, timeout_s)
     record = {"output": transfer.upload(Path(project) / output, Path(project)), "checkout": project,
               "worker": os.environ.get("PREFECT__WORKER_NAME"), "device": os.environ.get("MIGM_DEVICE")}
     Variable.set(f"migm-unit-{flow_run.id}", record, overwrite=True)
     return record
+
+
+def _inputs(args: list[str], project: str) -> list[str]:
+    """The stages whose outputs a unit's stage (`-m stages.NAME ...`) reads: only these are pulled,
+    not the stage's own previous outputs (an old store would leave its shards nothing to do)."""
+    import yaml
+
+    stages = yaml.safe_load((Path(project) / "dvc.yaml").read_text())["stages"]
+    deps = set(stages[args[1].removeprefix("stages.")]["deps"])
+    return [name for name, stage in stages.items()
+            if any((out if isinstance(out, str) else next(iter(out))) in deps for out in stage.get("outs", []))]
 
 
 def _spec(project: str) -> str:
