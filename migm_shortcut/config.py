@@ -209,6 +209,13 @@ class TrackingConfig(Section):
     experiment: str = "migm-shortcut"
 
 
+class OrchestrationConfig(Section):
+    """How the Prefect flows run a unit of work (an extraction shard, a sampler configuration)."""
+    timeout_minutes: float = Field(1440, gt=0)  # a unit past it is stopped, not retried
+    retries: int = Field(2, ge=0)  # only after a lost worker or a killed process
+    retry_delay_seconds: int = Field(30, ge=0)
+
+
 class Params(Section):
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -220,6 +227,7 @@ class Params(Section):
     sample: SampleConfig
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     @property
     def num_tokens(self) -> int:

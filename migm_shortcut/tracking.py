@@ -146,20 +146,24 @@ def pipeline_run(
         parents: dict[str, str] = json.loads(text) if text.strip() else {}
         if key in parents and _is_active(client, parents[key]):
             return parents[key]
-        run = _retry(
-            client.create_run,
-            _experiment_id(client, root, experiment),
-            run_name=run_name,
-            tags={**tags, PIPELINE_KEY_TAG: key},
-        )
-        run_id = run.info.run_id
-        _log(client, run_id, params=params)
-        # Children may still be added later; FINISHED just keeps the UI from showing it as live.
-        _retry(client.set_terminated, run_id)
-        parents[key] = run_id
+        experiment_id = _experiment_id(client, root, experiment)
+        # Another machine's stages (a flow's workers) may have made it: their state file is theirs.
+        found = _retry(client.search_runs, [experiment_id], f"tags.`{PIPELINE_KEY_TAG}` = '{key}'",
+                       max_results=1, order_by=["attributes.start_time ASC"])
+        parents[key] = found[0].info.run_id if found else _new_parent(client, experiment_id, run_name,
+                                                                      params, {**tags, PIPELINE_KEY_TAG: key})
         f.seek(0)
         f.truncate()
         json.dump(parents, f, indent=1)
+    return parents[key]
+
+
+def _new_parent(client: MlflowClient, experiment_id: str, name: str, params: Mapping[str, Any],
+                tags: Mapping[str, str]) -> str:
+    run_id = _retry(client.create_run, experiment_id, run_name=name, tags=tags).info.run_id
+    _log(client, run_id, params=params)
+    # Children may still be added later; FINISHED just keeps the UI from showing it as live.
+    _retry(client.set_terminated, run_id)
     return run_id
 
 

@@ -1,9 +1,14 @@
 """Shared fixtures: the smoke pipeline run once by `dvc repro` and once by the Prefect flow."""
 
+import contextlib
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -74,3 +79,75 @@ def flow_project(project, tmp_path_factory) -> Path:
         with prefect_test_harness(server_startup_timeout=90):
             pipeline(project=str(root), workers=2)
     return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def start_service(cmd: list[str], env: dict, health_url: str, cwd: Path | None = None) -> subprocess.Popen:
+    """A server in its own process group, once `health_url` answers (a busy 2-core machine: 10-60 s)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    for _ in range(120):
+        if _healthy(health_url):
+            return proc
+        time.sleep(1)
+    stop(proc)
+    pytest.fail(f"{' '.join(cmd)} did not answer within 120 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):  # workers ignore the first SIGTERM at times
+        if proc.poll() is not None:
+            return
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def start_worker(env: dict, checkout: Path, pool: str, name: str | None = None, **extra: str) -> subprocess.Popen:
+    """A process worker of `pool` running flows in `checkout` (its MIGM_PROJECT_DIR), one at a time."""
+    env = {**env, "MIGM_PROJECT_DIR": str(checkout), "MIGM_ROOT": str(checkout), **extra}
+    return subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1",
+                             *(["--name", name] if name else [])], cwd=checkout, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+@contextlib.contextmanager
+def prefect_server(tmp: Path, deploy_from: Path):
+    """A Prefect server on loopback with the `driver` and `gpu` process pools and the deployments of
+    `deploy_from`: (the environment that talks to it, a `prefect` CLI runner)."""
+    port = free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_HOME": str(tmp / "prefect"),
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+
+    def cli(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+        out = subprocess.run([str(BIN / "prefect"), *args], cwd=deploy_from, env=env, capture_output=True,
+                             text=True, timeout=timeout)
+        assert out.returncode == 0, f"prefect {' '.join(args)}:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+        return out
+
+    server = start_service([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                            "--analytics-off"], env, f"http://127.0.0.1:{port}/api/health")
+    try:
+        for pool in ("driver", "gpu"):
+            cli("work-pool", "create", pool, "--type", "process")
+        cli("deploy", "--all")
+        yield env, cli
+    finally:
+        stop(server)
