@@ -11,6 +11,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .schedules import SamplingRule
+
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
 
@@ -141,9 +143,14 @@ class ShortcutConfig(Section):
     cross_attention: bool = True  # ablation switch: False drops the new-token input
     time_embedding: bool = True  # ablation switch: False drops the mask-ratio conditioning
     unroll: int = Field(1, ge=1)  # chained shortcut steps per training example; 1 = the paper
+    # The distillation term (SPEC section 5) on the guided token distribution, beside MSE (weight 1):
+    # kl_weight * T^2 KL(true || predicted) at temperature T; 0 = MSE only (the paper's README).
+    kl_weight: float = Field(0.0, ge=0)
+    kl_temperature: float = Field(1.0, gt=0)
     steps: int = Field(3000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    pairs_per_trajectory: int = Field(16, ge=1)  # a batch streams from batch_size / this trajectories
+    # Counted in items, one CFG branch each: a batch holds both branches of each (sample, step).
+    batch_size: int = Field(64, ge=2, multiple_of=2)
+    pairs_per_trajectory: int = Field(16, ge=2, multiple_of=2)  # a batch streams from batch_size / this trajectories
     lr: float = Field(1e-3, gt=0)
     lr_decay_at: int = Field(2000, ge=0)  # lr drops 10x after this many updates
     weight_decay: float = Field(0.01, ge=0)
@@ -233,6 +240,11 @@ class Params(Section):
     def num_tokens(self) -> int:
         """Image tokens per image: the tiny tokenizer downsamples by 4, the published VQ models by 16."""
         return (self.data.image_size // PATCH[self.base.name]) ** 2
+
+    def sampling_rule(self, steps: int | None = None) -> SamplingRule:
+        """The rule of `sampling` at `steps` (default sampling.steps): the one extraction records
+        and every sampler follows."""
+        return SamplingRule(**{**self.sampling.model_dump(), "steps": steps or self.sampling.steps})
 
     @property
     def is_published(self) -> bool:

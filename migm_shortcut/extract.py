@@ -13,7 +13,8 @@ import torch
 from tqdm import tqdm
 
 from .bases.contract import MaskedBase
-from .sampling import SamplingRule, generate_on_cores, sampling_autocast
+from .sampling import generate_on_cores, sampling_autocast
+from .schedules import SamplingRule
 from .store import TrajectoryStore
 
 

@@ -19,23 +19,7 @@ import torch
 
 from .bases.contract import MaskedBase
 from .noise import sample_keys, uniforms
-from .schedules import REVEAL, cfg_weight, noise_scale, refresh_steps
-
-
-@dataclass(frozen=True)
-class SamplingRule:
-    """MaskGIT's rule by default; Lumina-DiMOO's (SPEC 9) is schedule="cosine", ramp=False, tau=1."""
-
-    steps: int
-    cfg: float = 1.0
-    tau: float = 4.5
-    temperature: float = 1.0
-    schedule: str = "arccos"  # a key of schedules.REVEAL
-    ramp: bool = True  # CFG weight ramps up from 0 and confidence noise anneals to 0; False: both constant
-
-    def __post_init__(self):
-        if self.schedule not in REVEAL:
-            raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(REVEAL)}")
+from .schedules import REVEAL, SamplingRule, cfg_weight, noise_scale, refresh_steps
 
 
 @dataclass
@@ -142,6 +126,18 @@ def draw(guided: torch.Tensor, u_draw: torch.Tensor, u_conf: torch.Tensor, tau: 
     return drawn[..., 0], logp + tau * _gumbel(u_conf)
 
 
+def guided_logits(logits: torch.Tensor, rule: SamplingRule, step: int | torch.Tensor) -> torch.Tensor:
+    """The logits the sampler draws from at `step` (SPEC section 3: CFG, then the temperature).
+
+    logits [2B, M, K]: the head's output for rows (cond..., uncond...); step: an int, or one step
+    per pair [B] (training). Returns [B, M, K] in float32."""
+    c, u = logits.float().chunk(2)
+    w = cfg_weight(rule.cfg, step, rule.steps) if rule.ramp else rule.cfg
+    if isinstance(w, torch.Tensor):
+        w = w.to(c.dtype).reshape(-1, 1, 1)
+    return ((1 + w) * c - w * u) / rule.temperature
+
+
 @dataclass
 class Commit:
     """The outcome of one step: what was committed, and what stays masked."""
@@ -157,13 +153,10 @@ def commit_step(base: MaskedBase, rule: SamplingRule, f: torch.Tensor, masked: t
     positions `masked` [B, M] of both branches of f [2B, S, D], CFG, temperature, the draws and the
     confidence noise (hashed from `keys`, see `noise.py`), and the choice of the `count` most
     confident positions. The same for every feature source."""
-    N = rule.steps
     with amp:
-        logits = base.head(f, masked.repeat(2, 1)).float()
-    c, u = logits.chunk(2)
-    w = cfg_weight(rule.cfg, step, N) if rule.ramp else rule.cfg
-    tau = noise_scale(rule.tau, step, N) if rule.ramp else rule.tau
-    drawn, conf = draw(((1 + w) * c - w * u) / rule.temperature, uniforms(keys, step, masked, 0),
+        logits = base.head(f, masked.repeat(2, 1))
+    tau = noise_scale(rule.tau, step, rule.steps) if rule.ramp else rule.tau
+    drawn, conf = draw(guided_logits(logits, rule, step), uniforms(keys, step, masked, 0),
                        uniforms(keys, step, masked, 1), tau)
     ranked = conf.argsort(dim=1, descending=True)  # the first `count` are committed
     chosen = ranked[:, :count]

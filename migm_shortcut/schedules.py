@@ -3,10 +3,11 @@
 - `reveal_counts`: how many tokens the MaskGIT arccos schedule commits at each step;
   `cosine_reveal_counts`: the same for Lumina-DiMOO's cosine schedule (`REVEAL` names both).
 - `refresh_steps`: which steps of an N-step run call the base model (the refresh budget B).
-- `cfg_weight`, `noise_scale`: the per-step ramps of the sampling rule.
+- `cfg_weight`, `noise_scale`: the per-step ramps of the sampling rule, `SamplingRule` the rule.
 """
 
 import math
+from dataclasses import dataclass
 
 
 def reveal_counts(steps: int, num_tokens: int) -> list[int]:
@@ -70,3 +71,19 @@ def cfg_weight(scale: float, step: int, steps: int) -> float:
 def noise_scale(tau: float, step: int, steps: int) -> float:
     """Gumbel confidence noise anneals linearly from tau at the first step to 0 at the last."""
     return tau * (1 - step / (steps - 1)) if steps > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class SamplingRule:
+    """MaskGIT's rule by default; Lumina-DiMOO's (SPEC 9) is schedule="cosine", ramp=False, tau=1."""
+
+    steps: int
+    cfg: float = 1.0
+    tau: float = 4.5
+    temperature: float = 1.0
+    schedule: str = "arccos"  # a key of schedules.REVEAL
+    ramp: bool = True  # CFG weight ramps up from 0 and confidence noise anneals to 0; False: both constant
+
+    def __post_init__(self):
+        if self.schedule not in REVEAL:
+            raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(REVEAL)}")

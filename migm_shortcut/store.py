@@ -348,13 +348,15 @@ class PairDataset(torch.utils.data.Dataset):
 class TrajectoryBatchSampler(torch.utils.data.Sampler):
     """Batches of PairDataset items drawn from a few trajectories at a time.
 
-    Each batch takes `pairs_per_trajectory` random (branch, step) pairs from each of
-    batch_size / pairs_per_trajectory trajectories, visiting trajectories in a fresh random order
-    every epoch. Reading is then a few whole-trajectory reads per batch instead of one read per
-    pair, which is what makes streaming from the store fast enough to train on.
+    Each batch takes `pairs_per_trajectory` items from each of batch_size / pairs_per_trajectory
+    trajectories: half as many random steps, each with both CFG branches, side by side (cond, then
+    uncond), so a loss on the guided distribution sees both branches of a step. Trajectories come
+    in a fresh random order every epoch. Reading is then a few whole-trajectory reads per batch
+    instead of one read per pair, which is what makes streaming from the store fast enough to train on.
 
     Data-parallel: every rank draws the same global batches (same seed) and takes its contiguous
-    slice `rank` of `world_size` of each, so the global batch, not the per-rank one, is batch_size.
+    slice `rank` of `world_size` of each, so the global batch, not the per-rank one, is batch_size;
+    every slice holds whole (cond, uncond) pairs.
 
     skip: batches already trained on (a resumed run): they are drawn again, without reading any
     data, so the batches that follow are those an uninterrupted run would see.
@@ -362,10 +364,12 @@ class TrajectoryBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, dataset: PairDataset, batch_size: int, pairs_per_trajectory: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, skip: int = 0) -> None:
-        if not 0 <= rank < world_size <= batch_size:
-            raise ValueError(f"need 0 <= rank={rank} < world_size={world_size} <= batch_size={batch_size}")
-        self.pairs = 2 * dataset.pairs_per_branch
-        self.per = min(pairs_per_trajectory, self.pairs, batch_size)
+        if not 0 <= rank < world_size or batch_size % (2 * world_size):
+            raise ValueError(f"need 0 <= rank={rank} < world_size={world_size} and batch_size={batch_size} "
+                             "a multiple of 2 * world_size (each rank takes whole cond/uncond pairs)")
+        self.steps = dataset.pairs_per_branch
+        self.pairs = 2 * self.steps
+        self.per = max(2, min(pairs_per_trajectory, self.pairs, batch_size) // 2 * 2)
         self.num_samples, self.batch_size = len(dataset.indices), batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.part = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
@@ -388,6 +392,6 @@ class TrajectoryBatchSampler(torch.utils.data.Sampler):
         for first in range(0, len(self) * per_batch, per_batch):
             items = []
             for sample in order[first : first + per_batch]:
-                picks = torch.randperm(self.pairs, generator=self.generator)[: self.per]
-                items += (sample * self.pairs + picks).tolist()
+                steps = torch.randperm(self.steps, generator=self.generator)[: self.per // 2]
+                items += torch.stack([steps, steps + self.steps], 1).add(sample * self.pairs).flatten().tolist()
             yield items[: self.batch_size][self.part]

@@ -1,5 +1,9 @@
-"""Shortcut training on stored trajectories, and its per-step validation against "reuse"."""
+"""Shortcut training on stored trajectories, and its validation against "reuse" and "extrapolate":
+per step teacher-forced, and chained over each budget's shortcut steps as the sampler runs them."""
 
+from dataclasses import replace
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -8,8 +12,10 @@ from tqdm import tqdm
 
 from . import distributed
 from .bases.contract import MaskedBase
+from .sampling import Extrapolate, Reuse, StepState, guided_logits
+from .schedules import SamplingRule, cfg_weight, refresh_steps
 from .shortcut import Shortcut
-from .store import PairDataset, TrajectoryBatchSampler, pair_masks
+from .store import PairDataset, TrajectoryBatchSampler, TrajectoryStore, pair_masks
 from .training import EMA, Log, TrainingState, autocast, check_finite
 
 
@@ -41,11 +47,59 @@ def shortcut_step(shortcut: Shortcut, base: MaskedBase, feature, tokens, order, 
     return pred, _loss_mask(base, next_masked) if context is None else context.valid
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-               count: torch.Tensor | None = None) -> torch.Tensor:
-    """The squared error summed over `mask`'s positions, divided by `count` (default: their number)."""
-    err = (pred.float() - target.float()).pow(2).mean(-1)
-    return (err * mask).sum() / (mask.sum() if count is None else count).clamp(min=1)
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """`values` summed over `mask`'s positions, divided by `count` (default: their number)."""
+    return (values * mask).sum() / (mask.sum() if count is None else count).clamp(min=1)
+
+
+def squared_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per position: the mean squared error over the feature width, [..., S]."""
+    return (pred.float() - target.float()).pow(2).mean(-1)
+
+
+def distillation_kl(true_logits: torch.Tensor, pred_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per position: T^2 KL(softmax(true / T) || softmax(pred / T)) over the last axis (SPEC section 5)."""
+    p = torch.log_softmax(true_logits.float() / temperature, -1)
+    q = torch.log_softmax(pred_logits.float() / temperature, -1)
+    return temperature**2 * (p.exp() * (p - q)).sum(-1)
+
+
+def cond_then_uncond(batch: dict) -> dict:
+    """A batch of adjacent (cond, uncond) items (TrajectoryBatchSampler) reordered into the
+    sampler's layout: all cond rows, then their uncond rows in the same order."""
+    n = len(batch["branch"])
+    perm = torch.arange(n).view(-1, 2).t().flatten()
+    out = {k: v[perm.to(v.device)] for k, v in batch.items()}
+    c, u = out["branch"].chunk(2)
+    if n % 2 or (c != 0).any() or (u != 1).any() or not torch.equal(*out["step"].chunk(2)):
+        raise ValueError("a training batch must hold both CFG branches of each (sample, step), side by side")
+    return out
+
+
+def shortcut_loss(model, base: MaskedBase, batch: dict, *, unroll: int, kl_weight: float = 0.0,
+                  kl_temperature: float = 1.0, rule: SamplingRule | None = None) -> tuple[torch.Tensor, dict]:
+    """The training loss of one batch in the sampler's layout (`cond_then_uncond`), and its terms.
+
+    Chains `unroll` shortcut steps from the true f_s, each fed the previous prediction; every step
+    adds MSE on its loss positions and, with kl_weight > 0, kl_weight times the distillation KL of
+    the guided token distribution (the one sampling draws from) on the same image positions.
+    Means are over the global batch: a rank's sums over all ranks' positions, times the world size
+    that DDP's gradient average divides by again."""
+    world = distributed.world_size()
+    x, cond, terms = batch["feature"], branch_cond(base, batch), {"mse": 0.0, "kl": 0.0}
+    for j in range(unroll):
+        step = batch["step"] + j
+        x, mask = shortcut_step(model, base, x, batch["tokens"], batch["order"], step, cond)
+        target = batch["targets"][:, j]
+        mse = masked_mean(squared_error(x, target), mask, distributed.all_sum(mask.sum()))
+        terms["mse"] = terms["mse"] + mse * world / unroll
+        if kl_weight:
+            pairs = step.chunk(2)[0] + 1  # the predicted feature's step
+            kl = distillation_kl(guided_logits(base.head(target), rule, pairs), guided_logits(base.head(x), rule, pairs),
+                                 kl_temperature)
+            positions = mask.chunk(2)[0][:, base.image_positions]
+            terms["kl"] = terms["kl"] + masked_mean(kl, positions, distributed.all_sum(positions.sum())) * world / unroll
+    return terms["mse"] + kl_weight * terms["kl"], terms
 
 
 def _batches(loader: DataLoader):
@@ -56,6 +110,7 @@ def _batches(loader: DataLoader):
 def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset, *, steps: int, batch_size: int,
                    lr: float, lr_decay_at: int, weight_decay: float, ema_decay: float, ema_warmup: int,
                    grad_clip: float, num_workers: int, seed: int, device: torch.device, pairs_per_trajectory: int = 16,
+                   kl_weight: float = 0.0, kl_temperature: float = 1.0, rule: SamplingRule | None = None,
                    log: Log | None = None, log_every: int = 25, progress: bool = True,
                    state: TrainingState | None = None) -> Shortcut:
     """Train the shortcut on stored trajectories (base frozen); return the EMA weights.
@@ -63,6 +118,7 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
     With `train_set.unroll` = k > 1 each example chains k shortcut steps from a true f_s, feeding
     the model its own predictions and the true tokens, with the loss on every step: the model
     learns to correct the drift it meets when shortcut steps chain at inference.
+    kl_weight > 0 adds the distillation KL on the guided distribution of `rule` (`shortcut_loss`).
 
     Data-parallel when torch.distributed is initialised (`distributed.setup`): each rank trains on
     its slice of every global batch of `batch_size`, as one process would up to float rounding,
@@ -70,6 +126,8 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
 
     state: where the run is saved now and then, and resumed from.
     """
+    if kl_weight and rule is None:
+        raise ValueError("kl_weight > 0 needs the sampling rule (its guidance) as `rule`")
     torch.manual_seed(seed)
     base.requires_grad_(False)
     shortcut.to(device).train()
@@ -89,15 +147,10 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
     bar = tqdm(state.updates(steps), desc="shortcut", initial=start, total=steps,
                disable=not progress or not distributed.is_main(), leave=False)
     for update in bar:
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-        x, loss, cond = batch["feature"], 0.0, branch_cond(base, batch)
+        batch = cond_then_uncond({k: v.to(device, non_blocking=True) for k, v in next(batches).items()})
         with autocast(device):
-            for j in range(train_set.unroll):
-                x, mask = shortcut_step(model, base, x, batch["tokens"], batch["order"], batch["step"] + j, cond)
-                # The global batch's mean: this rank's error sum over all ranks' positions, times
-                # the world size that DDP's gradient average divides by again.
-                count = distributed.all_sum(mask.sum())
-                loss = loss + masked_mse(x, batch["targets"][:, j], mask, count) * world / train_set.unroll
+            loss, terms = shortcut_loss(model, base, batch, unroll=train_set.unroll, kl_weight=kl_weight,
+                                        kl_temperature=kl_temperature, rule=rule)
         check_finite(loss, update, "shortcut")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -106,10 +159,11 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
         sched.step()
         ema.update(shortcut, update)
         if update % log_every == 0 or update == steps:
-            global_loss = distributed.all_sum(loss).item() / world  # every rank takes part
-            bar.set_postfix(loss=f"{global_loss:.4f}")
+            stats = {k: distributed.all_sum(torch.as_tensor(v)).item() / world  # every rank takes part
+                     for k, v in {"loss": loss, **terms}.items() if k != "kl" or kl_weight}
+            bar.set_postfix(loss=f"{stats['loss']:.4f}")
             if log:
-                log(update, {"loss": global_loss, "lr": sched.get_last_lr()[0]})
+                log(update, {**stats, "lr": sched.get_last_lr()[0]})
     return ema.model
 
 
@@ -130,7 +184,7 @@ def validate_shortcut(shortcut: Shortcut, base: MaskedBase, val_set: PairDataset
                                    branch_cond(base, batch))
         target = batch["targets"][:, 0]
         rows = [
-            (pred - target).pow(2).mean(-1), (batch["feature"] - target).pow(2).mean(-1),
+            squared_error(pred, target), squared_error(batch["feature"], target),
             F.cosine_similarity(pred, target, dim=-1), F.cosine_similarity(batch["feature"], target, dim=-1),
         ]  # fmt: skip
         per_item = torch.stack([(r * mask).sum(1) for r in rows] + [mask.sum(1).float()], 1).double().cpu()
@@ -142,3 +196,73 @@ def validate_shortcut(shortcut: Shortcut, base: MaskedBase, val_set: PairDataset
          "mse_ratio": sums[s, 0].item() / max(sums[s, 1].item(), 1e-30)}
         for s in range(steps)
     ]  # fmt: skip
+
+
+ROLLOUT_SOURCES = ("shortcut", "reuse", "extrapolate")
+
+
+@torch.no_grad()
+def validate_rollout(shortcut: Shortcut, base: MaskedBase, store: TrajectoryStore, indices: range, rule: SamplingRule,
+                     budgets: list[int], *, device: torch.device, batch_size: int = 50) -> list[dict]:
+    """Chained rollout as the sampler runs it, at each budget B, on held-out trajectories.
+
+    From each refresh step's true feature (`refresh_steps(N, B)`), every source chains over the
+    following shortcut steps with the true committed tokens: the shortcut, "reuse" (keeps the
+    refresh feature) and "extrapolate" (the sampler's first-order baseline). Every predicted step
+    is compared to the true feature: MSE on the loss positions (both branches) and the KL of the
+    guided token distribution, true || predicted, on image positions still masked.
+    Returns rows {budget, step, source, mse, kl}: means over trajectories, per shortcut step."""
+    shortcut.eval()
+    sums = {}  # (budget, step, source) -> [squared error sum, positions, KL sum, image positions]
+    for start in range(0, len(indices), batch_size):
+        reads = [store.read(i) for i in indices[start : start + batch_size]]
+        true = torch.from_numpy(np.stack([r["features"] for r in reads])).float().to(device)  # [n, 2, N, S, D]
+        true = torch.cat(true.unbind(1))  # the sampler's layout [2n, N, S, D]: cond rows, then uncond
+        tokens, order = (torch.from_numpy(np.stack([r[k] for r in reads])).long().to(device).repeat(2, 1)
+                         for k in ("tokens", "order"))
+        labels = torch.as_tensor(np.stack([r["labels"] for r in reads])).long().to(device)
+        cond = torch.cat([labels, base.uncond(labels)])
+        for budget in budgets:
+            _add_rollout(sums, budget, shortcut, base, rule, true, tokens, order, cond)
+    return [{"budget": b, "step": t, "source": source, "mse": (v[0] / v[1]).item(), "kl": (v[2] / v[3]).item()}
+            for (b, t, source), v in sums.items()]
+
+
+def _add_rollout(sums: dict, budget: int, shortcut, base, rule, true, tokens, order, cond) -> None:
+    """One budget's chained rollout over a batch of trajectories, its error sums added to `sums`."""
+    steps, full = true.shape[1], set(refresh_steps(true.shape[1], budget))
+    baselines = {"reuse": Reuse(), "extrapolate": Extrapolate()}
+    for t in range(steps):
+        if t in full:
+            for source in baselines.values():
+                source.observe(t, true[:, t])
+            prev = dict.fromkeys(ROLLOUT_SOURCES, true[:, t])
+            continue
+        prev["shortcut"], mask = shortcut_step(shortcut, base, prev["shortcut"], tokens, order, t - 1, cond)
+        new_mask, _, ratio = pair_masks(order, t - 1)
+        state = StepState(t, steps, None, torch.where(order < t, tokens, base.mask_id), new_mask, ratio, cond)
+        for name, source in baselines.items():
+            prev[name] = source.predict(replace(state, prev_feature=prev[name]))
+        target = guided_logits(base.head(true[:, t]), rule, t)
+        positions = mask.chunk(2)[0][:, base.image_positions]
+        for name in ROLLOUT_SOURCES:
+            kl = distillation_kl(target, guided_logits(base.head(prev[name]), rule, t))
+            found = torch.stack([x.double() for x in ((squared_error(prev[name], true[:, t]) * mask).sum(), mask.sum(),
+                                                      (kl * positions).sum(), positions.sum())]).cpu()
+            sums[budget, t, name] = sums.get((budget, t, name), 0) + found
+
+
+def rollout_summary(rows: list[dict]) -> dict:
+    """Per budget: the mean over its shortcut steps of each source's MSE and KL over reuse's."""
+    out = {}
+    for budget in sorted({r["budget"] for r in rows}):
+        steps = {}
+        for r in rows:
+            if r["budget"] == budget:
+                steps.setdefault(r["step"], {})[r["source"]] = r
+        for name in ("shortcut", "extrapolate"):
+            for metric in ("mse", "kl"):
+                ratios = [s[name][metric] / max(s["reuse"][metric], 1e-30) for s in steps.values()]
+                prefix = "rollout" if name == "shortcut" else f"rollout_{name}"
+                out[f"{prefix}_{metric}_ratio_B{budget}"] = sum(ratios) / len(ratios)
+    return out

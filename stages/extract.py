@@ -16,7 +16,6 @@ from migm_shortcut import distributed
 from migm_shortcut.bases import load_base
 from migm_shortcut.extract import extract, merge_stats, open_store
 from migm_shortcut.store import remove_store, store_bytes
-from migm_shortcut.sampling import SamplingRule
 
 from .base import MODEL as BASE_MODEL
 from .common import DATA, device, log_stage, params, write_json
@@ -25,24 +24,17 @@ from .tokenizer import prompt_conditions
 METRICS = DATA / "extract" / "metrics.json"
 
 
-def sampling_rule(p, steps: int | None = None) -> SamplingRule:
-    """params.yaml's rule (at `steps`, default sampling.steps): the one extraction records and every
-    sampler follows. It lives here, not in common.py, so stages that never sample do not import the
-    sampler (and dvc.yaml need not rerun them when it changes)."""
-    return SamplingRule(**{**p.sampling.model_dump(), "steps": steps or p.sampling.steps})
-
-
 def prepare_store(p, base):
     """Open the store to resume; a store made by another base or config is replaced (it is this stage's output)."""
     conditions = {"num_classes": 0, "prompt_len": base.prompt_len} if p.is_text_to_image else {"num_classes": base.num_classes}
     kwargs = dict(num_samples=p.extract.num_train + p.extract.num_val, dtype=p.extract.dtype,
                   unit_size=p.extract.unit_size, seed=p.extract.seed, **conditions)
     try:
-        return open_store(p.extract.store, base, sampling_rule(p), **kwargs)
+        return open_store(p.extract.store, base, p.sampling_rule(), **kwargs)
     except ValueError as err:
         print(f"extract: {err}; starting a new store")
         remove_store(p.extract.store)
-        return open_store(p.extract.store, base, sampling_rule(p), **kwargs)
+        return open_store(p.extract.store, base, p.sampling_rule(), **kwargs)
 
 
 def main(argv=None) -> None:
@@ -65,7 +57,7 @@ def main(argv=None) -> None:
         return
     # Text to image: trajectory i gets train prompt i (params() checked there are enough); else class i mod C.
     prompts = prompt_conditions(base, "train")[: store.num_samples] if p.is_text_to_image else None
-    stats = extract(store, base, sampling_rule(p), batch_size=p.extract.batch_size, worker=args.worker,
+    stats = extract(store, base, p.sampling_rule(), batch_size=p.extract.batch_size, worker=args.worker,
                     num_workers=args.workers, device=dev, prompts=prompts, cores=torch.get_num_threads())
     stats = merge_stats(distributed.gather(stats))  # waits for every rank: then all units are written
     if not distributed.is_main():

@@ -17,7 +17,7 @@ from migm_shortcut.checkpoint import load_checkpoint, load_state_strict, save_ch
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec
 from migm_shortcut.store import PairDataset, TrajectoryStore
 from migm_shortcut.tracking import log_model_checkpoint
-from migm_shortcut.train_shortcut import train_shortcut, validate_shortcut
+from migm_shortcut.train_shortcut import rollout_summary, train_shortcut, validate_rollout, validate_shortcut
 from migm_shortcut.training import TrainingState
 
 from .base import MODEL as BASE_MODEL
@@ -53,6 +53,9 @@ def main(argv=None) -> None:
     val_set = PairDataset(url, range(num_train, store.num_samples))
     spec = ShortcutSpec(dim=base.dim, bottleneck_ratio=s.bottleneck_ratio, blocks=s.blocks, heads=s.heads,
                         cross_attention=s.cross_attention, time_embedding=s.time_embedding, variant=base.shortcut_variant)
+    rule = p.sampling_rule(store.steps)
+    # The grid's budgets at the stored N, where the rollout can follow the true trajectory.
+    budgets = sorted({b for grid in p.sample.shortcut if grid.steps == store.steps for b in grid.budgets if b < store.steps})
     fingerprint = {"params": s.model_dump(exclude={"checkpoint_minutes"}), "store": store.meta, "num_train": num_train}
     torch.manual_seed(s.seed)  # the same initial weights in every run, on every rank
     main_rank = distributed.is_main()  # it alone logs, validates and saves
@@ -61,10 +64,12 @@ def main(argv=None) -> None:
         model = train_shortcut(Shortcut(spec), base, train_set, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
                                lr_decay_at=s.lr_decay_at, weight_decay=s.weight_decay, ema_decay=s.ema_decay,
                                ema_warmup=s.ema_warmup, grad_clip=s.grad_clip, num_workers=s.num_workers, seed=s.seed,
-                               pairs_per_trajectory=s.pairs_per_trajectory, device=dev, log=curve, state=state)
+                               pairs_per_trajectory=s.pairs_per_trajectory, kl_weight=s.kl_weight,
+                               kl_temperature=s.kl_temperature, rule=rule, device=dev, log=curve, state=state)
         if not main_rank:
             return
         per_step = validate_shortcut(model, base, val_set, device=dev)
+        rollout = validate_rollout(model, base, store, range(num_train, store.num_samples), rule, budgets, device=dev)
         save_checkpoint(MODEL, model.state_dict(), {"kind": "shortcut", "spec": spec.to_dict(), "base_id": base.base_id,
                                                     "trained_on_steps": store.steps, "updates": s.steps})
         ratios = [r["mse_ratio"] for r in per_step]
@@ -74,15 +79,19 @@ def main(argv=None) -> None:
                    "val_cosine_mean": sum(r["cosine"] for r in per_step) / len(per_step),
                    "val_reuse_cosine_mean": sum(r["reuse_cosine"] for r in per_step) / len(per_step),
                    "parameters": size, "parameter_fraction_of_base": size / base.transformer_parameters(),
-                   "final_loss": curve.points[-1]["loss"]}
+                   "final_loss": curve.points[-1]["loss"], **rollout_summary(rollout)}
         write_json(OUT / "metrics.json", metrics)
         write_json(OUT / "val_per_step.json", per_step)
+        write_json(OUT / "rollout.json", rollout)
         curve.run.log(s.steps, metrics)
-        curve.run.log_artifacts([OUT / "val_per_step.json"])
+        curve.run.log_artifacts([OUT / "val_per_step.json", OUT / "rollout.json"])
         log_model_checkpoint(project_root(), curve.run.run_id, MODEL, load_checkpoint(MODEL)[1])
         state.remove()
     print(f"shortcut: val MSE / reuse MSE {metrics['val_mse_ratio_mean']:.2f} mean, {metrics['val_mse_ratio_last']:.2f} last step, "
           f"{metrics['val_mse_ratio_max']:.2f} worst; {metrics['parameter_fraction_of_base']:.1%} of the base's parameters")
+    for budget in budgets:
+        print(f"shortcut: chained rollout at B={budget}: MSE / reuse MSE {metrics[f'rollout_mse_ratio_B{budget}']:.2f}, "
+              f"KL / reuse KL {metrics[f'rollout_kl_ratio_B{budget}']:.2f}")
 
 
 if __name__ == "__main__":

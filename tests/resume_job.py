@@ -13,7 +13,7 @@ import torch
 from tiny_models import make_base, make_shortcut
 
 from migm_shortcut.extract import extract, open_store
-from migm_shortcut.sampling import SamplingRule
+from migm_shortcut.schedules import SamplingRule
 from migm_shortcut.store import PairDataset
 from migm_shortcut.train_base import train_base
 from migm_shortcut.train_shortcut import train_shortcut

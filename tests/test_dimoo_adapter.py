@@ -18,8 +18,8 @@ from tiny_models import one_thread  # noqa: F401 (autouse fixture)
 from migm_shortcut.bases import build_base
 from migm_shortcut.bases import dimoo
 from migm_shortcut.extract import extract, open_store
-from migm_shortcut.sampling import Learned, SamplingRule, generate
-from migm_shortcut.schedules import cosine_reveal_counts
+from migm_shortcut.sampling import Learned, generate
+from migm_shortcut.schedules import SamplingRule, cosine_reveal_counts
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec
 from migm_shortcut.store import PairDataset
 from migm_shortcut.train_shortcut import train_shortcut, validate_shortcut

@@ -18,7 +18,7 @@ from tiny_models import make_base, make_shortcut, one_thread  # noqa: F401 (auto
 
 from migm_shortcut import distributed
 from migm_shortcut.extract import extract, merge_stats, open_store
-from migm_shortcut.sampling import SamplingRule
+from migm_shortcut.schedules import SamplingRule
 from migm_shortcut.store import PairDataset, TrajectoryBatchSampler, TrajectoryStore
 from migm_shortcut.train_shortcut import train_shortcut
 
@@ -121,11 +121,13 @@ def test_training_two_ranks_equal_one(ranks, reference):
 
 def test_sampler_ranks_split_every_global_batch(reference):
     data = PairDataset(str(reference))
-    whole = list(TrajectoryBatchSampler(data, 10, 4, seed=5))
-    parts = [list(TrajectoryBatchSampler(data, 10, 4, seed=5, rank=r, world_size=3)) for r in range(3)]
+    whole = list(TrajectoryBatchSampler(data, 12, 4, seed=5))
+    parts = [list(TrajectoryBatchSampler(data, 12, 4, seed=5, rank=r, world_size=3)) for r in range(3)]
     assert len(whole) == 2 and [len(p) for p in parts] == [2, 2, 2]
     for i, batch in enumerate(whole):
-        assert [len(p[i]) for p in parts] == [3, 3, 4]
+        assert [len(p[i]) for p in parts] == [4, 4, 4]
         assert parts[0][i] + parts[1][i] + parts[2][i] == batch
     with pytest.raises(ValueError, match="world_size"):
         TrajectoryBatchSampler(data, 2, 4, rank=0, world_size=3)
+    with pytest.raises(ValueError, match="whole cond/uncond pairs"):
+        TrajectoryBatchSampler(data, 10, 4, rank=0, world_size=3)

@@ -6,7 +6,8 @@ import torch
 from tiny_models import make_base, make_shortcut, one_thread  # noqa: F401 (autouse fixture)
 
 from migm_shortcut.extract import extract, labels_for, open_store
-from migm_shortcut.sampling import FeatureSource, Learned, SamplingRule, generate
+from migm_shortcut.sampling import FeatureSource, Learned, generate
+from migm_shortcut.schedules import SamplingRule
 from migm_shortcut.store import PairDataset, TrajectoryStore, pair_masks
 from migm_shortcut.train_shortcut import shortcut_step
 

@@ -16,7 +16,8 @@ from tiny_models import one_thread  # noqa: F401 (autouse fixture)
 from migm_shortcut.bases import build_base, load_base, save_base
 from migm_shortcut.bases.maskgit import MaskGITImageNet, VQGANConfig, load_maskgit_imagenet
 from migm_shortcut.extract import extract, open_store
-from migm_shortcut.sampling import Learned, SamplingRule, generate
+from migm_shortcut.sampling import Learned, generate
+from migm_shortcut.schedules import SamplingRule
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec
 from migm_shortcut.store import PairDataset
 from migm_shortcut.train_shortcut import train_shortcut, validate_shortcut

@@ -156,7 +156,5 @@ def test_text_to_image_base_runs_the_whole_pipeline(dimoo_project):
 
 
 def test_the_profiles_sampling_rule_reaches_the_samplers():
-    from stages.extract import sampling_rule
-
-    rule = sampling_rule(load_params(PROFILE), steps=11)
+    rule = load_params(PROFILE).sampling_rule(11)
     assert (rule.steps, rule.schedule, rule.ramp, rule.cfg, rule.tau) == (11, "cosine", False, 4.0, 1.0)

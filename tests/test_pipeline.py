@@ -23,6 +23,9 @@ def test_pipeline_produces_the_artifacts(project):
     assert "| vanilla | 8 steps |" in (project / "data/report/report.md").read_text()
     per_step = json.loads((project / "data/shortcut/val_per_step.json").read_text())
     assert [r["step"] for r in per_step] == list(range(p.sampling.steps - 1))
+    rollout = json.loads((project / "data/shortcut/rollout.json").read_text())
+    assert {r["budget"] for r in rollout} == {3, 4} and all(r["mse"] > 0 for r in rollout)  # smoke: N = 8, B = 3, 4
+    assert json.loads((project / "data/shortcut/metrics.json").read_text())["rollout_mse_ratio_B3"] > 0
 
 
 def test_second_repro_does_nothing_and_a_sample_key_reruns_only_sample_and_evaluate(project):

@@ -8,9 +8,8 @@ from tiny_models import SHORTCUT_SPEC, make_base, make_shortcut, one_thread  # n
 
 from migm_shortcut.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from migm_shortcut.noise import sample_keys, uniforms
-from migm_shortcut.sampling import (Extrapolate, FeatureSource, Learned, Reuse, SamplingRule, StepState, draw, fixed_threads,
-                                    generate, generate_on_cores)
-from migm_shortcut.schedules import refresh_steps, reveal_counts
+from migm_shortcut.sampling import Extrapolate, FeatureSource, Learned, Reuse, StepState, draw, fixed_threads, generate, generate_on_cores
+from migm_shortcut.schedules import SamplingRule, refresh_steps, reveal_counts
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec
 
 SEED = 7
