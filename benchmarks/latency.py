@@ -39,6 +39,7 @@ from migm_shortcut.sampling import (FeatureSource, Learned, Reuse, StepState, co
                                     generate_on_cores, sampling_autocast)
 from migm_shortcut.schedules import REVEAL  # noqa: E402
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec  # noqa: E402
+from migm_shortcut.schedules import SamplingRule  # noqa: E402
 
 # The paper's MaskGIT-512 latencies (SPEC section 7): speedup against vanilla at the same N.
 PAPER = {(15, 7): 50.1 / 25.9, (15, 8): 50.1 / 28.8, (32, 8): 104.6 / 33.7, (32, 9): 104.6 / 36.8,
@@ -128,7 +129,7 @@ def part1(args, p, base, shortcut, dev, timing) -> None:
     print(f"part 1: step costs at batch {len(cond)} on {args.threads} intra-op threads, L = {base.num_tokens}, K = {base.codebook_size}, D = {base.dim}, "
           f"base {depth}")
     for N in sorted({n for n, _ in points}):
-        full, short, work = step_costs(base, shortcut, p.sampling_rule(N), cond, timing, scale)
+        full, short, work = step_costs(base, shortcut, SamplingRule.of(p.sampling, N), cond, timing, scale)
         print(f"  N = {N}: base step {full:.3f} ms/img; shortcut step {short:.3f} ms/img ({short / full:.1%} "
               f"of a base step); sampler's own work {work.mean():.3f} ms/img per step on average "
               f"({work.mean() / full:.1%}; {work.max() / full:.1%} at its largest step)")
@@ -141,7 +142,7 @@ def part1(args, p, base, shortcut, dev, timing) -> None:
 
 def part2(args, p, base, shortcut, dev, timing) -> None:
     B = timing["batch_size"]
-    cond, ids, rule = conditions(base, B, dev), list(range(B)), p.sampling_rule(args.steps)
+    cond, ids, rule = conditions(base, B, dev), list(range(B)), SamplingRule.of(p.sampling, args.steps)
 
     def run(budget, source):
         return lambda: generate_on_cores(args.threads, base, rule, cond, ids, 0, budget=budget, source=source,

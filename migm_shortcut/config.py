@@ -11,8 +11,6 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .schedules import SamplingRule
-
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
 
@@ -240,11 +238,6 @@ class Params(Section):
     def num_tokens(self) -> int:
         """Image tokens per image: the tiny tokenizer downsamples by 4, the published VQ models by 16."""
         return (self.data.image_size // PATCH[self.base.name]) ** 2
-
-    def sampling_rule(self, steps: int | None = None) -> SamplingRule:
-        """The rule of `sampling` at `steps` (default sampling.steps): the one extraction records
-        and every sampler follows."""
-        return SamplingRule(**{**self.sampling.model_dump(), "steps": steps or self.sampling.steps})
 
     @property
     def is_published(self) -> bool:

@@ -84,6 +84,12 @@ class SamplingRule:
     schedule: str = "arccos"  # a key of schedules.REVEAL
     ramp: bool = True  # CFG weight ramps up from 0 and confidence noise anneals to 0; False: both constant
 
+    @classmethod
+    def of(cls, sampling, steps: int | None = None) -> "SamplingRule":
+        """The rule of params.yaml's `sampling` section at `steps` (default: sampling.steps): the
+        one extraction records and every sampler follows."""
+        return cls(**{**sampling.model_dump(), "steps": steps or sampling.steps})
+
     def __post_init__(self):
         if self.schedule not in REVEAL:
             raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(REVEAL)}")

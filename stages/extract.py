@@ -16,6 +16,7 @@ from migm_shortcut import distributed
 from migm_shortcut.bases import load_base
 from migm_shortcut.extract import extract, merge_stats, open_store
 from migm_shortcut.store import remove_store, store_bytes
+from migm_shortcut.schedules import SamplingRule
 
 from .base import MODEL as BASE_MODEL
 from .common import DATA, device, log_stage, params, write_json
@@ -30,11 +31,11 @@ def prepare_store(p, base):
     kwargs = dict(num_samples=p.extract.num_train + p.extract.num_val, dtype=p.extract.dtype,
                   unit_size=p.extract.unit_size, seed=p.extract.seed, **conditions)
     try:
-        return open_store(p.extract.store, base, p.sampling_rule(), **kwargs)
+        return open_store(p.extract.store, base, SamplingRule.of(p.sampling), **kwargs)
     except ValueError as err:
         print(f"extract: {err}; starting a new store")
         remove_store(p.extract.store)
-        return open_store(p.extract.store, base, p.sampling_rule(), **kwargs)
+        return open_store(p.extract.store, base, SamplingRule.of(p.sampling), **kwargs)
 
 
 def main(argv=None) -> None:
@@ -57,7 +58,7 @@ def main(argv=None) -> None:
         return
     # Text to image: trajectory i gets train prompt i (params() checked there are enough); else class i mod C.
     prompts = prompt_conditions(base, "train")[: store.num_samples] if p.is_text_to_image else None
-    stats = extract(store, base, p.sampling_rule(), batch_size=p.extract.batch_size, worker=args.worker,
+    stats = extract(store, base, SamplingRule.of(p.sampling), batch_size=p.extract.batch_size, worker=args.worker,
                     num_workers=args.workers, device=dev, prompts=prompts, cores=torch.get_num_threads())
     stats = merge_stats(distributed.gather(stats))  # waits for every rank: then all units are written
     if not distributed.is_main():

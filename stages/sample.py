@@ -33,6 +33,7 @@ from migm_shortcut.images import save_grid, to_uint8
 from migm_shortcut.metrics import measure_latency
 from migm_shortcut.sampling import (Extrapolate, FeatureSource, Learned, Reuse, fixed_threads, generate_on_cores,
                                     sampling_autocast)
+from migm_shortcut.schedules import SamplingRule
 
 from .base import MODEL as BASE_MODEL
 from .common import DATA, decode_batch, device, params, write_json
@@ -62,7 +63,7 @@ def conditions(p, base) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fingerprint(setting: SamplerSetting, p, base, shortcut_id: str | None, cond: torch.Tensor) -> str:
-    inputs = {"setting": setting.model_dump(), "rule": vars(p.sampling_rule(setting.steps)),
+    inputs = {"setting": setting.model_dump(), "rule": vars(SamplingRule.of(p.sampling, setting.steps)),
               "sample": p.sample.model_dump(exclude={"vanilla_steps", "shortcut", "baselines", "baseline_steps"}),
               "base": base.base_id, "shortcut": shortcut_id if setting.sampler == "shortcut" else None,
               "timing": "batch wall time; on a CPU a slice of the batch per thread",
@@ -93,7 +94,7 @@ def grid_images(images: torch.Tensor, largest: int = 128) -> torch.Tensor:
 
 def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: float, fp: str,
                 labels: torch.Tensor, cond: torch.Tensor) -> dict:
-    rule, s = p.sampling_rule(setting.steps), p.sample
+    rule, s = SamplingRule.of(p.sampling, setting.steps), p.sample
     def sample(ids: range):
         # A compiled forward is not called from several threads at once: no slicing then.
         return generate_on_cores(s.threads, base, rule, cond[ids.start : ids.stop].to(dev), list(ids), s.seed,

@@ -19,6 +19,7 @@ from migm_shortcut.store import PairDataset, TrajectoryStore
 from migm_shortcut.tracking import log_model_checkpoint
 from migm_shortcut.train_shortcut import rollout_summary, train_shortcut, validate_rollout, validate_shortcut
 from migm_shortcut.training import TrainingState
+from migm_shortcut.schedules import SamplingRule
 
 from .base import MODEL as BASE_MODEL
 from .common import DATA, device, params, project_root, stage_args, training_run, write_json
@@ -53,7 +54,7 @@ def main(argv=None) -> None:
     val_set = PairDataset(url, range(num_train, store.num_samples))
     spec = ShortcutSpec(dim=base.dim, bottleneck_ratio=s.bottleneck_ratio, blocks=s.blocks, heads=s.heads,
                         cross_attention=s.cross_attention, time_embedding=s.time_embedding, variant=base.shortcut_variant)
-    rule = p.sampling_rule(store.steps)
+    rule = SamplingRule.of(p.sampling, store.steps)
     # The grid's budgets at the stored N, where the rollout can follow the true trajectory.
     budgets = sorted({b for grid in p.sample.shortcut if grid.steps == store.steps for b in grid.budgets if b < store.steps})
     fingerprint = {"params": s.model_dump(exclude={"checkpoint_minutes"}), "store": store.meta, "num_train": num_train}

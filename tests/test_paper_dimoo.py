@@ -17,6 +17,7 @@ from test_metrics import tiny_clip
 from test_paper_profiles import tiny_run
 
 from migm_shortcut.config import ConfigError, load_params, parse_params
+from migm_shortcut.schedules import SamplingRule
 
 PROFILE = "profiles/paper-dimoo.yaml"
 
@@ -156,5 +157,5 @@ def test_text_to_image_base_runs_the_whole_pipeline(dimoo_project):
 
 
 def test_the_profiles_sampling_rule_reaches_the_samplers():
-    rule = load_params(PROFILE).sampling_rule(11)
+    rule = SamplingRule.of(load_params(PROFILE).sampling, 11)
     assert (rule.steps, rule.schedule, rule.ramp, rule.cfg, rule.tau) == (11, "cosine", False, 4.0, 1.0)
