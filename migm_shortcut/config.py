@@ -204,7 +204,9 @@ class SampleConfig(Section):
 class EvaluateConfig(Section):
     reference: Literal["test", "val", "train"] = "test"
     num_reference: int = Field(10000, ge=2)
-    inception: bool = False  # the standard FID network: slow on a CPU, the protocol on a GPU
+    inception: bool = False  # the standard FID network (the headline when on): slow on a CPU
+    inception_samples: int = Field(500, ge=2)  # the first n samples of every set go through Inception
+    inception_reference: int = Field(2000, ge=2)  # reference images for Inception (stage reference)
     clip_model: str | None = None  # text-to-image: a local CLIP folder for CLIPScore (e.g. openai/clip-vit-large-patch14)
     bootstrap: int = Field(200, ge=2)  # resamples for the FID intervals
     kid_subset_size: int = Field(500, ge=2)
@@ -293,6 +295,9 @@ class Params(Section):
                 raise ValueError(f"sample.baseline_steps[{i}]={n} is not the steps of any sample.shortcut entry")
         if self.shortcut.unroll >= self.sampling.steps:
             raise ValueError(f"shortcut.unroll={self.shortcut.unroll} must be below sampling.steps={self.sampling.steps}")
+        if self.evaluate.inception and self.evaluate.inception_samples > self.sample.num_samples:
+            raise ValueError(f"evaluate.inception_samples={self.evaluate.inception_samples} exceeds "
+                             f"sample.num_samples={self.sample.num_samples}")
         if self.extract.batch_size > self.extract.unit_size or self.extract.unit_size % self.extract.batch_size:
             raise ValueError("extract.batch_size must divide extract.unit_size")
         return self

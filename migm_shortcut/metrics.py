@@ -62,11 +62,16 @@ class InceptionFeatures(nn.Module):
 
     num_features = 2048
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, device: str | torch.device = "cpu") -> None:
         super().__init__()
+        device = torch.device(device)
         with warnings.catch_warnings():  # "jit.load is deprecated": the file is TorchScript
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            self.net = torch.jit.load(str(path or inception_weights_path()), map_location="cpu").eval()
+            net = torch.jit.load(str(path or inception_weights_path()), map_location=device).eval()
+            # Frozen, batch norms folded into the convolutions, oneDNN layouts on a CPU: the same
+            # features (to float rounding) about twice as fast there (BENCHMARKS.md, section 5).
+            self.net = torch.jit.optimize_for_inference(torch.jit.freeze(net)) if device.type == "cpu" else net
+        self.channels_last = device.type == "cpu"
         self.requires_grad_(False)
 
     def forward(self, x01: Tensor) -> Tensor:
@@ -76,7 +81,8 @@ class InceptionFeatures(nn.Module):
         x = _tf_bilinear((x * 255).round(), 299)
         # The file's graph has no input normalisation; fid-helper maps [0, 255] to
         # [-1, 0.9921875], i.e. x / 128 - 1 (the TF Inception convention).
-        return self.net(x / 128 - 1)
+        x = x / 128 - 1
+        return self.net(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
 
 
 class ClassifierFeatures(nn.Module):

@@ -56,30 +56,29 @@ def add_comparisons(rows: list[dict], reference_steps: int, quality: Quality = F
     return rows
 
 
-def slowest_beaten_vanilla(rows: list[dict], row: dict) -> dict | None:
-    """The fastest vanilla configuration that is still slower than `row` (None for vanilla rows or
-    when every vanilla configuration is faster): the point `row` must beat on quality to dominate it."""
-    if row["sampler"] == "vanilla":
-        return None
-    slower = [r for r in rows if r["sampler"] == "vanilla" and r["latency_ms"] >= row["latency_ms"]]
-    return min(slower, key=lambda r: r["latency_ms"]) if slower else None
-
-
 def _fmt(v, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
-def _dominance(r: dict, q: str) -> str:
-    if "faster_than" not in r:
+def _paired(r: dict, name: str, against: str = "") -> str:
+    """A paired difference with its interval, bold when beyond it: `name` is its row key."""
+    if name not in r:
         return "–"
-    mark = " **better**" if r["dominates_slower_vanilla"] else ""
-    d = f"{q}_minus_slower_vanilla"
-    return f"{r[d]:+.2f} ({r[d + '_ci_low']:+.2f} to {r[d + '_ci_high']:+.2f}) vs {r['faster_than']}{mark}"
+    mark = " **better**" if r[f"{name}_beyond_ci"] else ""
+    return f"{r[name]:+.2f} ({r[name + '_ci_low']:+.2f} to {r[name + '_ci_high']:+.2f}){against}{mark}"
+
+
+def _interval(r: dict, key: str) -> str:
+    if key not in r:
+        return "–"
+    ci = f" ({r[key + '_ci_low']:.2f}–{r[key + '_ci_high']:.2f})" if key + "_ci_low" in r else ""
+    return f"{r[key]:.2f}{ci}"
 
 
 def markdown_table(rows: list[dict], reference_steps: int, quality: Quality = FID, note: str = "") -> str:
-    """The report's table, with the columns the rows can fill (FID against dataset statistics, KID and
-    class accuracy only where a profile computes them); `note` ends the caption."""
+    """The report's table, with the columns the rows can fill (FID against dataset statistics, the
+    domain FID, KID, class accuracy and the paired baseline comparisons only where a profile
+    computes them); `note` ends the caption."""
     q, label = quality.key, quality.label
     columns = {  # header -> cell of row r
         "Method": lambda r: r["sampler"],
@@ -87,20 +86,30 @@ def markdown_table(rows: list[dict], reference_steps: int, quality: Quality = FI
         "Latency (ms/img)": lambda r: f"{r['latency_ms']:.2f}",
         f"Speedup vs N={reference_steps}": lambda r: f"{r['speedup_vs_reference']:.2f}x",
         "Speedup vs same N": lambda r: _fmt(r["speedup_vs_same_steps"], ".2f") + ("x" if r["speedup_vs_same_steps"] else ""),
-        f"{label} (95% CI)": lambda r: f"{r[q]:.2f}" + (f" ({r[q + '_ci_low']:.2f}–{r[q + '_ci_high']:.2f})"
-                                                         if q + "_ci_low" in r else ""),
-        "FID vs dataset stats": lambda r: _fmt(r.get("fid_dataset_stats"), ".2f"),
-        "KID": lambda r: f"{r['kid_mean']:.3g}",
-        "Class acc. (worst class)": lambda r: f"{r['class_accuracy']:.1%} ({r['worst_class_accuracy']:.0%})",
+        f"{label} (95% CI)": lambda r: _interval(r, q),
+        f"{label} minus the next slower vanilla (paired 95% CI)":
+            lambda r: _paired(r, f"{q}_minus_slower_vanilla", f" vs {r.get('faster_than')}"),
+        f"{label} minus reuse (paired)": lambda r: _paired(r, f"{q}_minus_reuse"),
+        f"{label} minus extrapolate (paired)": lambda r: _paired(r, f"{q}_minus_extrapolate"),
         f"Vanilla {label} at same latency": lambda r: _fmt(r[f"matched_vanilla_{q}"], ".2f"),
-        f"{label} minus the next slower vanilla (paired 95% CI)": lambda r: _dominance(r, q),
+        "FID vs dataset stats": lambda r: _fmt(r.get("fid_dataset_stats"), ".2f"),
+        "Domain FID (95% CI)": lambda r: _interval(r, "domain_fid"),
+        "Domain FID minus reuse (paired)": lambda r: _paired(r, "domain_fid_minus_reuse"),
+        "KID": lambda r: _fmt(r.get("kid_mean"), ".3g"),
+        "Class acc. (worst class)": lambda r: f"{r['class_accuracy']:.1%} ({r['worst_class_accuracy']:.0%})",
     }
-    needs = {"FID vs dataset stats": "fid_dataset_stats", "KID": "kid_mean", "Class acc. (worst class)": "class_accuracy"}
+    needs = {"FID vs dataset stats": "fid_dataset_stats", "KID": "kid_mean", "Class acc. (worst class)": "class_accuracy",
+             "Domain FID (95% CI)": "domain_fid", "Domain FID minus reuse (paired)": "domain_fid_minus_reuse",
+             f"{label} minus reuse (paired)": f"{q}_minus_reuse",
+             f"{label} minus extrapolate (paired)": f"{q}_minus_extrapolate"}
     columns = {h: cell for h, cell in columns.items() if h not in needs or any(needs[h] in r for r in rows)}
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for r in sorted(rows, key=lambda r: (r["sampler"] != "vanilla", r["sampler"], r["steps"], r["budget"])):
         lines.append("| " + " | ".join(cell(r) for cell in columns.values()) + " |")
-    return "\n".join(lines) + f"\n\n{rows[0]['num_samples']} samples per configuration; {note}\n"
+    counts = sorted({r.get(f"{q}_samples", r["num_samples"]) for r in rows})
+    scored = "/".join(map(str, counts))
+    return ("\n".join(lines) + f"\n\n{rows[0]['num_samples']} samples per configuration, {label} on {scored} of "
+            f"them; {note}\n")
 
 
 def pareto_plot(rows: list[dict], path: Path, title: str, quality: Quality = FID) -> Path:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from . import distributed
 from .bases.contract import MaskedBase
 from .sampling import Extrapolate, Reuse, StepState, guided_logits
-from .schedules import SamplingRule, cfg_weight, refresh_steps
+from .schedules import SamplingRule, refresh_steps
 from .shortcut import Shortcut
 from .store import PairDataset, TrajectoryBatchSampler, TrajectoryStore, pair_masks
 from .training import EMA, Log, TrainingState, autocast, check_finite
