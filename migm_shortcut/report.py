@@ -56,7 +56,7 @@ def add_comparisons(rows: list[dict], reference_steps: int, quality: Quality = F
     return rows
 
 
-def slowest_beaten_vanilla(rows: list[dict], row: dict) -> dict | None:
+def fastest_slower_vanilla(rows: list[dict], row: dict) -> dict | None:
     """The fastest vanilla configuration that is still slower than `row` (None for vanilla rows or
     when every vanilla configuration is faster): the point `row` must beat on quality to dominate it."""
     if row["sampler"] == "vanilla":

@@ -27,7 +27,7 @@ from migm_shortcut.images import to_uint8
 from migm_shortcut.metrics import (ClassifierFeatures, ClipScore, InceptionFeatures, bootstrap_fids, compute_metrics,
                                    extract_features, fid, fid_interval, fid_to_stats, knn_radii, mean_interval, noise_floor,
                                    paired_fid_difference)
-from migm_shortcut.report import CLIP_SCORE, FID, add_comparisons, markdown_table, pareto_plot, slowest_beaten_vanilla
+from migm_shortcut.report import CLIP_SCORE, FID, add_comparisons, fastest_slower_vanilla, markdown_table, pareto_plot
 
 from .base import MODEL as BASE_MODEL
 from .classifier import REFERENCE_FEATURES, load_classifier
@@ -166,7 +166,7 @@ def main() -> None:
     q, summary = quality.key, scores.summary
     rows = add_comparisons(scores.rows, p.sampling.steps, quality)
     for row in rows:  # paired test against the vanilla point this configuration is faster than
-        if (other := slowest_beaten_vanilla(rows, row)) is not None:
+        if (other := fastest_slower_vanilla(rows, row)) is not None:
             d = scores.difference(row["name"], other["name"])
             # dominates: even the interval's least favourable end is better than that vanilla point
             least = d["ci_low"] if quality.higher_is_better else d["ci_high"]
