@@ -7,6 +7,7 @@ units `worker, worker + W, ...` that are not yet marked done, and marks each one
 its samples are written: a killed run redoes at most the unit it was in.
 """
 
+import shutil
 import time
 from pathlib import Path
 
@@ -32,6 +33,17 @@ def open_store(url: str, base: MaskedBase, rule: SamplingRule, *, num_samples: i
         url, meta=meta, num_samples=num_samples, steps=rule.steps, seq_len=base.seq_len, dim=base.dim,
         num_tokens=base.num_tokens, dtype=dtype, unit_size=unit_size, cond_len=prompt_len,
     )  # fmt: skip
+
+
+def open_or_replace_store(path: Path, base: MaskedBase, rule: SamplingRule, **options) -> TrajectoryStore:
+    """`open_store` on a local folder that is a pipeline's output: a store made by another base,
+    rule or layout is deleted and created anew instead of refused. `options`: `open_store`'s."""
+    try:
+        return open_store(str(path), base, rule, **options)
+    except ValueError as err:
+        print(f"extract: {err}; starting a new store")
+        shutil.rmtree(path)
+        return open_store(str(path), base, rule, **options)
 
 
 def extract(store: TrajectoryStore, base: MaskedBase, rule: SamplingRule, *, batch_size: int, worker: int = 0,

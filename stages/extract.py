@@ -9,13 +9,12 @@ torchrun rank 0 creates the store, each rank is one worker, and rank 0 writes th
 """
 
 import argparse
-import shutil
 
 import torch
 
 from migm_shortcut import distributed
 from migm_shortcut.bases import load_base
-from migm_shortcut.extract import extract, merge_stats, open_store, store_bytes
+from migm_shortcut.extract import extract, merge_stats, open_or_replace_store, store_bytes
 
 from .base import MODEL as BASE_MODEL
 from .common import DATA, device, sampling_rule, log_stage, params, write_json
@@ -30,12 +29,7 @@ def prepare_store(p, base):
     conditions = {"num_classes": 0, "prompt_len": base.prompt_len} if p.is_text_to_image else {"num_classes": base.num_classes}
     kwargs = dict(num_samples=p.extract.num_train + p.extract.num_val, dtype=p.extract.dtype,
                   unit_size=p.extract.unit_size, seed=p.extract.seed, **conditions)
-    try:
-        return open_store(str(STORE), base, sampling_rule(p), **kwargs)
-    except ValueError as err:
-        print(f"extract: {err}; starting a new store")
-        shutil.rmtree(STORE)
-        return open_store(str(STORE), base, sampling_rule(p), **kwargs)
+    return open_or_replace_store(STORE, base, sampling_rule(p), **kwargs)
 
 
 def main(argv=None) -> None:
