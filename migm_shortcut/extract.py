@@ -35,7 +35,8 @@ def open_store(url: str, base: MaskedBase, rule: SamplingRule, *, num_samples: i
     )  # fmt: skip
 
 
-def open_or_replace_store(path: Path, base: MaskedBase, rule: SamplingRule, **options) -> TrajectoryStore:
+def open_or_replace_store(path: Path, base: MaskedBase, rule: SamplingRule,
+                          **options) -> TrajectoryStore:
     """`open_store` on a local folder that is a pipeline's output: a store made by another base,
     rule or layout is deleted and created anew instead of refused. `options`: `open_store`'s."""
     try:
