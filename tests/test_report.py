@@ -6,10 +6,11 @@ from migm_shortcut.report import (CLIP_SCORE, add_comparisons, fastest_slower_va
                                   markdown_table, pareto_plot)
 
 
-def row(sampler: str, steps: int, budget: int, latency_ms: float, fid: float, half_ci: float):
+def row(sampler: str, steps: int, budget: int, latency_ms: float, fid: float, ci: float) -> dict:
+    """A configuration's row: FID `fid` with the interval `fid` +- `ci`."""
     return {"name": f"{sampler}_{steps}_{budget}", "sampler": sampler, "steps": steps,
             "budget": budget, "latency_ms": latency_ms, "num_samples": 100,
-            "fid": fid, "fid_ci_low": fid - half_ci, "fid_ci_high": fid + half_ci}
+            "fid": fid, "fid_ci_low": fid - ci, "fid_ci_high": fid + ci}
 
 
 def rows() -> list[dict]:
