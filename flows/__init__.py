@@ -1,4 +1,5 @@
-"""Prefect 3 orchestration over the DVC pipeline: `pipeline` (flows/pipeline.py) and `sweep` (flows/sweep.py).
+"""Prefect 3 orchestration over the DVC pipeline: `pipeline` and `sweep`, both in
+flows/pipeline.py.
 
 The flows run DVC stages as subprocesses, so caching stays DVC's: a stage that `dvc status` calls
 up to date is not run, and a second run of an unchanged project does nothing. What Prefect adds is

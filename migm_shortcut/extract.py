@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .bases.contract import MaskedBase
 from .sampling import generate_on_cores, sampling_autocast
 from .schedules import SamplingRule
-from .store import TrajectoryStore
+from .store import TrajectoryStore, remove_store
 
 
 def labels_for(indices: range, num_classes: int) -> torch.Tensor:
@@ -32,6 +32,17 @@ def open_store(url: str, base: MaskedBase, rule: SamplingRule, *, num_samples: i
         url, meta=meta, num_samples=num_samples, steps=rule.steps, seq_len=base.seq_len, dim=base.dim,
         num_tokens=base.num_tokens, dtype=dtype, unit_size=unit_size, cond_len=prompt_len,
     )  # fmt: skip
+
+
+def open_or_replace_store(url: str, base: MaskedBase, rule: SamplingRule, **options) -> TrajectoryStore:
+    """`open_store` on a store that is a pipeline's output: one made by another base, rule or
+    layout is deleted and created anew instead of refused. `options`: `open_store`'s."""
+    try:
+        return open_store(url, base, rule, **options)
+    except ValueError as err:
+        print(f"extract: {err}; starting a new store")
+        remove_store(url)
+        return open_store(url, base, rule, **options)
 
 
 def extract(store: TrajectoryStore, base: MaskedBase, rule: SamplingRule, *, batch_size: int, worker: int = 0,

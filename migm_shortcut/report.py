@@ -106,10 +106,10 @@ def markdown_table(rows: list[dict], reference_steps: int, quality: Quality = FI
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for r in sorted(rows, key=lambda r: (r["sampler"] != "vanilla", r["sampler"], r["steps"], r["budget"])):
         lines.append("| " + " | ".join(cell(r) for cell in columns.values()) + " |")
-    counts = sorted({r.get(f"{q}_samples", r["num_samples"]) for r in rows})
-    scored = "/".join(map(str, counts))
-    return ("\n".join(lines) + f"\n\n{rows[0]['num_samples']} samples per configuration, {label} on {scored} of "
-            f"them; {note}\n")
+    n = rows[0]["num_samples"]
+    scored = sorted({r.get(f"{q}_samples", n) for r in rows} - {n})
+    of = f", {label} on the first {'/'.join(map(str, scored))}" if scored else ""
+    return "\n".join(lines) + f"\n\n{n} samples per configuration{of}; {note}\n"
 
 
 def pareto_plot(rows: list[dict], path: Path, title: str, quality: Quality = FID) -> Path:

@@ -110,7 +110,7 @@ class TrajectoryStore:
     ) -> "TrajectoryStore":
         """Create the store, or reopen it to resume if it holds the same meta, shapes and layout.
 
-        Raises ValueError naming the first differing key (e.g. `meta.base_hash`, `shapes.steps`)
+        Raises ValueError naming the first differing key (e.g. `meta.base_id`, `shapes.steps`)
         when an existing store differs: data is never deleted here. Create the store once (e.g. in
         the launcher) before starting concurrent writers; creation itself is not safe to race.
         cond_len: store conditions of P prompt token ids instead of one class id per sample.

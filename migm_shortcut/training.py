@@ -20,8 +20,8 @@ class EMA:
     """Exponential moving average of a model's weights, for the checkpoint.
 
     The average starts after `warmup` updates (before that it copies the weights): early weights
-    are noise, and with a decay sized to the run (1 - 1/decay ~ a tenth of the updates) the average
-    then covers the part of training worth keeping.
+    are noise, and with a decay sized to the run (an average over about 1/(1 - decay) updates, ~ a
+    tenth of them) the average then covers the part of training worth keeping.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float, warmup: int):

@@ -14,9 +14,9 @@ import torch
 
 from migm_shortcut import distributed
 from migm_shortcut.bases import load_base
-from migm_shortcut.extract import extract, merge_stats, open_store
-from migm_shortcut.store import remove_store, store_bytes
+from migm_shortcut.extract import extract, merge_stats, open_or_replace_store
 from migm_shortcut.schedules import SamplingRule
+from migm_shortcut.store import store_bytes
 
 from .base import MODEL as BASE_MODEL
 from .common import DATA, device, log_stage, params, write_json
@@ -30,12 +30,7 @@ def prepare_store(p, base):
     conditions = {"num_classes": 0, "prompt_len": base.prompt_len} if p.is_text_to_image else {"num_classes": base.num_classes}
     kwargs = dict(num_samples=p.extract.num_train + p.extract.num_val, dtype=p.extract.dtype,
                   unit_size=p.extract.unit_size, seed=p.extract.seed, **conditions)
-    try:
-        return open_store(p.extract.store, base, SamplingRule.of(p.sampling), **kwargs)
-    except ValueError as err:
-        print(f"extract: {err}; starting a new store")
-        remove_store(p.extract.store)
-        return open_store(p.extract.store, base, SamplingRule.of(p.sampling), **kwargs)
+    return open_or_replace_store(p.extract.store, base, SamplingRule.of(p.sampling), **kwargs)
 
 
 def main(argv=None) -> None:

@@ -18,7 +18,6 @@ folders only checks them.
 
 import argparse
 import hashlib
-import json
 import shutil
 import time
 
@@ -31,6 +30,7 @@ from migm_shortcut.config import SamplerSetting
 from migm_shortcut.hardware import hardware_identity
 from migm_shortcut.images import save_grid, to_uint8
 from migm_shortcut.metrics import measure_latency
+from migm_shortcut.sample_folders import fingerprint, is_up_to_date, remove_other_folders
 from migm_shortcut.sampling import (Extrapolate, FeatureSource, Learned, Reuse, fixed_threads, generate_on_cores,
                                     sampling_autocast)
 from migm_shortcut.schedules import SamplingRule
@@ -60,24 +60,6 @@ def conditions(p, base) -> tuple[torch.Tensor, torch.Tensor]:
     prompts = prompt_conditions(base, "eval")
     labels = torch.arange(p.sample.num_samples) % len(prompts)
     return labels, prompts[labels]
-
-
-def fingerprint(setting: SamplerSetting, p, base, shortcut_id: str | None, cond: torch.Tensor) -> str:
-    inputs = {"setting": setting.model_dump(), "rule": vars(SamplingRule.of(p.sampling, setting.steps)),
-              "sample": p.sample.model_dump(exclude={"vanilla_steps", "shortcut", "baselines", "baseline_steps"}),
-              "base": base.base_id, "shortcut": shortcut_id if setting.sampler == "shortcut" else None,
-              "timing": "batch wall time; on a CPU a slice of the batch per thread",
-              "noise": "counter hash"}  # a new method resamples and re-times every set
-    if p.is_text_to_image:  # the prompts are not fixed by the params alone
-        inputs["prompts"] = hashlib.sha256(cond.numpy().tobytes()).hexdigest()
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def read_info(folder) -> dict:
-    try:
-        return json.loads((folder / "info.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def grid_samples(labels: torch.Tensor, classes: int = 10, per_class: int = 10) -> torch.Tensor:
@@ -135,7 +117,7 @@ def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: flo
             "base_calls": setting.budget, "feature_source_calls": setting.steps - setting.budget,
             "latency_ms": latency["median_ms_per_image"], "latency_p10_ms": latency["p10"],
             "latency_p90_ms": latency["p90"], "latency_repeats": latency["repeats"], "latency_batch_size": s.batch_size,
-            **hardware_identity(dev, cores),
+            **hardware_identity(dev, s.threads),
             "latency_with_decoder_ms": latency["median_ms_per_image"] + decoder_ms, "device": str(dev),
             "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
             "fingerprint": fp}
@@ -164,11 +146,12 @@ def main(argv=None) -> None:
         base.compile_features()
     shortcut_id = hashlib.sha256(SHORTCUT_MODEL.read_bytes()).hexdigest()[:16] if SHORTCUT_MODEL.is_file() else None
     labels, cond = conditions(p, base)
-    todo = [s for s in settings if read_info(OUT / s.name).get("fingerprint") != fingerprint(s, p, base, shortcut_id, cond)]
+    prompts = cond if p.is_text_to_image else None
+    prints = {s.name: fingerprint(s, SamplingRule.of(p.sampling, s.steps), p.sample, base.base_id, shortcut_id,
+                                  prompts) for s in settings}
+    todo = [s for s in settings if not is_up_to_date(OUT / s.name, prints[s.name])]
     if args.workers == 1 and not args.only:  # the whole grid: drop folders of configurations no longer in it
-        for folder in OUT.glob("*"):
-            if folder.name not in {s.name for s in settings}:
-                shutil.rmtree(folder)
+        remove_other_folders(OUT, {s.name for s in settings})
     print(f"sample: {len(settings) - len(todo)} of {len(settings)} configurations already done")
     if not todo:
         return
@@ -178,7 +161,7 @@ def main(argv=None) -> None:
         decoder = measure_latency(lambda: base.decode(codes), warmup=1, repeats=3, batch_size=len(codes), device=dev)
     for setting in todo:
         info = run_setting(setting, p, base, shortcut, dev, decoder["median_ms_per_image"],
-                           fingerprint(setting, p, base, shortcut_id, cond), labels, cond)
+                           prints[setting.name], labels, cond)
         print(f"sample {info['name']}: {info['latency_ms']:.2f} ms/image, {info['seconds']:.0f} s for {info['num_samples']}")
 
 

@@ -205,19 +205,16 @@ def test_values_that_fail_in_a_later_stage_are_rejected_early(smoke, path, value
     assert key in str(err.value)
 
 
-@pytest.mark.parametrize("path, value", [
-    ("sample.vanilla_steps", [4, 8, 8]),
-    ("sample.baselines", ["reuse", "reuse"]),
-    ("sample.shortcut.0.budgets", [3, 3, 4]),
+@pytest.mark.parametrize("path, value, twice", [
+    ("sample.vanilla_steps", [4, 8, 8], "vanilla-N8"),
+    ("sample.baselines", ["reuse", "reuse"], "reuse-N8-B3"),
+    ("sample.shortcut.0.budgets", [3, 3, 4], "shortcut-N8-B3"),
 ])  # fmt: skip
-def test_duplicate_grid_entries_do_not_share_a_folder(smoke, path, value):
-    """Each setting's name is its output folder and MLflow run: duplicates must be rejected or merged."""
-    try:
-        p = parse_params(changed(smoke, path, value))
-    except ConfigError:
-        return
-    names = [s.name for s in p.sample.settings()]
-    assert len(names) == len(set(names)), f"duplicate configurations {sorted(n for n in set(names) if names.count(n) > 1)}"
+def test_duplicate_grid_entries_are_rejected(smoke, path, value, twice):
+    """Each setting's name is its output folder and MLflow run: two settings cannot share one."""
+    with pytest.raises(ConfigError, match="configurations listed twice") as err:
+        parse_params(changed(smoke, path, value))
+    assert "sample" in str(err.value) and twice in str(err.value)
 
 
 def config_model(annotation) -> type[BaseModel] | None:

@@ -286,62 +286,43 @@ def test_unsupported_config_and_missing_files_are_named(state, tmp_path):
         dimoo.load_dimoo(folder, **LOAD)
 
 
-# --- the VQ decoder, through a stand-in for diffusers (not installable here)
+# --- the VQ decoder: a tiny random diffusers VQModel, saved as the published folder holds it
 
 
-class StandInVQModel(torch.nn.Module):
-    """Plays diffusers.VQModel with lookup_from_codebook: decode(indices, force_not_quantize=True,
-    shape=(b, h, w, c)) looks the codes up and upsamples by 16. It records how it is called."""
+def write_vq_model(folder, blocks: int = 5):
+    """`<folder>/vqvae`: a VQModel laid out as Lumina-DiMOO's (codebook lookup, upsampling by
+    2**(blocks - 1)), random and tiny."""
+    from diffusers import VQModel
 
-    calls: list = []
-
-    def __init__(self):
-        super().__init__()
-        from types import SimpleNamespace
-
-        self.config = SimpleNamespace(block_out_channels=[8, 8, 8, 8, 8], latent_channels=4)  # 2**4 = 16
-        self.codebook = torch.nn.Embedding(CODEBOOK, 4)
-        self.out = torch.nn.Conv2d(4, 3, 1)
-
-    @classmethod
-    def from_pretrained(cls, path, subfolder=None):
-        cls.calls.append(("from_pretrained", path, subfolder))
-        return cls()
-
-    def decode(self, h, force_not_quantize=False, shape=None):
-        from types import SimpleNamespace
-
-        self.calls.append(("decode", h.clone(), force_not_quantize, shape))
-        quant = self.codebook(h.reshape(shape[:3])).permute(0, 3, 1, 2)
-        return SimpleNamespace(sample=torch.sigmoid(self.out(F.interpolate(quant, scale_factor=16))))
+    torch.manual_seed(0)
+    vq = VQModel(block_out_channels=(8,) * blocks, latent_channels=4, norm_num_groups=4,
+                 down_block_types=("DownEncoderBlock2D",) * blocks,
+                 up_block_types=("UpDecoderBlock2D",) * blocks,
+                 num_vq_embeddings=CODEBOOK, lookup_from_codebook=True)
+    vq.save_pretrained(folder / "vqvae")
+    return vq.eval()
 
 
-@pytest.fixture
-def stand_in_diffusers(monkeypatch, tmp_path):
-    from types import ModuleType
-
-    module = ModuleType("diffusers")
-    module.VQModel = StandInVQModel
-    monkeypatch.setitem(sys.modules, "diffusers", module)
-    StandInVQModel.calls.clear()
-    (tmp_path / "vq" / "vqvae").mkdir(parents=True)
-    return tmp_path / "vq"
-
-
-def test_vq_decoder_decodes_as_the_published_code_does(stand_in_diffusers, folder):
-    built = build_base({"kind": "dimoo", "path": str(folder), "vq": str(stand_in_diffusers), **LOAD})
-    assert StandInVQModel.calls == [("from_pretrained", str(stand_in_diffusers), "vqvae")]
-    assert "decoder" not in "".join(built.state_dict())  # the project checkpoint holds the transformer only
+def test_vq_decoder_decodes_as_the_published_code_does(folder, tmp_path):
+    vq = write_vq_model(tmp_path / "vq")
+    built = build_base({"kind": "dimoo", "path": str(folder), "vq": str(tmp_path / "vq"), **LOAD})
+    assert "decoder" not in "".join(built.state_dict())  # the checkpoint holds the transformer only
     tokens = torch.randint(0, CODEBOOK, (2, SIDE * SIDE))
     images = built.decode(tokens)
-    assert images.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) and 0 <= images.min() and images.max() <= 1
-    _, codes, force_not_quantize, shape = StandInVQModel.calls[-1]
-    assert torch.equal(codes, tokens.view(2, SIDE, SIDE)) and force_not_quantize and shape == (2, SIDE, SIDE, 4)
+    # the published decode_vq_to_image: the codes looked up in the codebook (no re-quantization)
+    with torch.no_grad():
+        quant = vq.quantize.embedding(tokens.view(2, SIDE, SIDE)).permute(0, 3, 1, 2)
+        expected = vq.decoder(vq.post_quant_conv(quant)).clamp(0, 1)
+    assert images.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(images, expected)
 
 
-def test_vq_decoder_names_what_is_missing(stand_in_diffusers, monkeypatch, tmp_path):
+def test_vq_decoder_names_what_is_missing_or_wrong(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="elsewhere/vqvae is missing"):
         dimoo.VQDecoder(tmp_path / "elsewhere")
+    write_vq_model(tmp_path / "small", blocks=4)
+    with pytest.raises(ValueError, match="downsamples by 8, not 16"):
+        dimoo.VQDecoder(tmp_path / "small")
     monkeypatch.setitem(sys.modules, "diffusers", None)  # not installed
     with pytest.raises(ImportError, match="needs diffusers"):
-        dimoo.VQDecoder(stand_in_diffusers)
+        dimoo.VQDecoder(tmp_path / "small")

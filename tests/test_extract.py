@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny_models import make_base, make_shortcut, one_thread  # noqa: F401 (autouse fixture)
 
-from migm_shortcut.extract import extract, labels_for, open_store
+from migm_shortcut.extract import extract, labels_for, open_or_replace_store, open_store
 from migm_shortcut.sampling import FeatureSource, Learned, generate
 from migm_shortcut.schedules import SamplingRule
 from migm_shortcut.store import PairDataset, TrajectoryStore, pair_masks
@@ -147,6 +147,16 @@ def fp16_store(base, tmp_path_factory) -> str:
     url = str(tmp_path_factory.mktemp("fp16") / "fp16.zarr")
     extract(new_store(url, base, dtype="float16"), base, RULE, batch_size=2, progress=False)
     return url
+
+
+def test_a_store_of_another_configuration_is_replaced_and_the_same_one_resumed(base, tmp_path):
+    url, options = tmp_path / "store.zarr", dict(num_samples=NUM, dtype="float32", unit_size=UNIT,
+                                                 seed=SEED, num_classes=10)
+    new_store(url, base, rule=SamplingRule(steps=N + 1, cfg=1.0, tau=4.5))
+    store = open_or_replace_store(url, base, RULE, **options)
+    assert store.steps == N and len(store.pending_units(0, 1)) == 3
+    extract(store, base, RULE, batch_size=2, progress=False)
+    assert open_or_replace_store(url, base, RULE, **options).is_complete()  # kept, not replaced
 
 
 def test_pair_dataset_round_trip(base, fp16_store):

@@ -2,8 +2,7 @@
 and the whole DVC pipeline runs on a published-layout Lumina-DiMOO (tiny, random) exactly as on the real one:
 prompts tokenized by the folder's own tokenizer, the DiMOO shortcut variant, CLIPScore in the report.
 
-diffusers cannot be installed here, so the published VQ model is a stand-in package (below) put on the
-stages' PYTHONPATH; it is called exactly as `dimoo.VQDecoder` calls the real one.
+The published VQ model is a tiny random diffusers VQModel (the `dimoo` extra installs diffusers).
 """
 
 import json
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import fresh_copy, run
-from test_dimoo_adapter import TINY, random_state, write_published
+from test_dimoo_adapter import TINY, random_state, write_published, write_vq_model
 from test_metrics import tiny_clip
 from test_paper_profiles import tiny_run
 
@@ -21,30 +20,6 @@ from migm_shortcut.schedules import SamplingRule
 
 PROFILE = "profiles/paper-dimoo.yaml"
 
-STAND_IN_DIFFUSERS = '''
-"""Stand-in for diffusers.VQModel: from_pretrained(folder, subfolder) and decode(codes, force_not_quantize, shape)."""
-import json
-from pathlib import Path
-from types import SimpleNamespace
-
-import torch
-import torch.nn.functional as F
-
-
-class VQModel(torch.nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.config = SimpleNamespace(**config)
-        self.register_buffer("palette", torch.rand(8192, 3, generator=torch.Generator().manual_seed(0)))
-
-    @classmethod
-    def from_pretrained(cls, path, subfolder=None):
-        return cls(json.loads((Path(path) / subfolder / "config.json").read_text()))
-
-    def decode(self, codes, force_not_quantize=False, shape=None):
-        assert force_not_quantize and tuple(shape[:3]) == tuple(codes.shape)
-        return SimpleNamespace(sample=F.interpolate(self.palette[codes].permute(0, 3, 1, 2), scale_factor=16))
-'''
 WORDS = "a an the red blue green cat dog house tree car boat on in under with image text prompt".split()
 TRAIN = [f"{a} {b} {c}" for a in ("red", "blue", "green") for b in ("cat", "dog") for c in ("house", "tree")]  # 12
 EVAL = ["a red boat", "the blue car under a tree", "green dog"]
@@ -99,8 +74,7 @@ def tiny_dimoo_params(folder) -> dict:
     """paper-dimoo with a tiny published-layout Lumina-DiMOO, prompts and CLIP in `folder`."""
     model = write_published(folder / "Lumina-DiMOO", random_state(0))
     write_tokenizer(model)
-    (model / "vqvae").mkdir()
-    (model / "vqvae" / "config.json").write_text(json.dumps({"block_out_channels": [8] * 5, "latent_channels": 4}))
+    write_vq_model(model)
     (folder / "prompts").mkdir()
     (folder / "prompts" / "train.txt").write_text("\n".join(TRAIN) + "\n")
     (folder / "prompts" / "eval.txt").write_text("\n\n".join(EVAL))  # empty lines are skipped
@@ -119,13 +93,9 @@ def tiny_dimoo_params(folder) -> dict:
 def dimoo_project(tmp_path_factory):
     root = fresh_copy(tmp_path_factory.mktemp("dimoo"))
     files = tmp_path_factory.mktemp("dimoo-files")
-    (files / "site" / "diffusers").mkdir(parents=True)
-    (files / "site" / "diffusers" / "__init__.py").write_text(STAND_IN_DIFFUSERS)
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_dimoo_params(files), sort_keys=False))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", str(files / "site"))
-        run(["dvc", "repro"], root)
-        yield root
+    run(["dvc", "repro"], root)
+    return root
 
 
 def test_text_to_image_base_runs_the_whole_pipeline(dimoo_project):

@@ -220,13 +220,22 @@ def test_recorded_features_match_base_on_reconstructed_states(base):
 
 
 def test_recorded_features_at_shortcut_steps_are_the_predictions(base, shortcut):
-    out = run(base, 6, budget=2, source=Learned(shortcut, base), record=True)
-    full = refresh_steps(6, 2)  # [0, 3]
-    reuse = run(base, 6, budget=2, source=Reuse(), record=True)
-    # step 1 is predicted from the same f_0 by both, and the shortcut's update is not zero
-    torch.testing.assert_close(reuse.features[:, :, 1], reuse.features[:, :, 0], rtol=0, atol=0)
-    assert not torch.allclose(out.features[:, :, 1], out.features[:, :, 0])
-    assert full == [0, 3]
+    steps, n = 6, 3
+    out = run(base, steps, budget=2, source=Learned(shortcut, base), record=True)
+    assert refresh_steps(steps, 2) == [0, 3]
+    both = torch.cat([labels(n), base.uncond(labels(n))])
+
+    def branches(x):  # [n, 2, ...] -> [2n, ...] as the sampler batches them: cond rows, then uncond
+        return x.transpose(0, 1).flatten(0, 1)
+
+    for i in (1, 2, 4, 5):  # the shortcut's output given the state rebuilt from the final tokens
+        state = torch.where(out.order < i, out.tokens, base.mask_id).repeat(2, 1)
+        new, ratio = (out.order == i - 1).repeat(2, 1), (state == base.mask_id).float().mean(1)
+        predicted = shortcut(branches(out.features[:, :, i - 1]), base.embed_tokens(state), new, ratio,
+                             context=base.shortcut_context(both))
+        torch.testing.assert_close(branches(out.features[:, :, i]), predicted, rtol=1e-5, atol=1e-5)
+        # not reuse's answer: the shortcut's update is not zero
+        assert not torch.allclose(out.features[:, :, i], out.features[:, :, i - 1])
 
 
 # (f) a shortcut has no dependence on N: save once, sample at other N

@@ -1,0 +1,57 @@
+"""The sample stage's folders: the fingerprint that skips a configuration already sampled, and the
+removal of folders no longer in the grid."""
+
+import json
+
+import torch
+import yaml
+
+from migm_shortcut.config import PROFILES_DIR, SamplerSetting, parse_params
+from migm_shortcut.sample_folders import fingerprint, is_up_to_date, remove_other_folders
+from migm_shortcut.sampling import SamplingRule
+
+P = parse_params(yaml.safe_load((PROFILES_DIR / "smoke.yaml").read_text()))
+SHORTCUT = SamplerSetting(sampler="shortcut", steps=8, budget=3)
+VANILLA = SamplerSetting(sampler="vanilla", steps=8, budget=8)
+RULE = SamplingRule(steps=8)
+
+
+def test_fingerprint_changes_with_what_made_the_samples():
+    fp = fingerprint(SHORTCUT, RULE, P.sample, "b", "s")
+    assert fp == fingerprint(SHORTCUT, RULE, P.sample, "b", "s")  # deterministic
+    changed = [
+        fingerprint(SHORTCUT.model_copy(update={"budget": 4}), RULE, P.sample, "b", "s"),
+        fingerprint(SHORTCUT, SamplingRule(steps=8, cfg=2.0), P.sample, "b", "s"),
+        fingerprint(SHORTCUT, RULE, P.sample.model_copy(update={"seed": 1}), "b", "s"),
+        fingerprint(SHORTCUT, RULE, P.sample, "other base", "s"),
+        fingerprint(SHORTCUT, RULE, P.sample, "b", "other shortcut"),
+        fingerprint(SHORTCUT, RULE, P.sample, "b", "s", prompts=torch.tensor([[1, 2]])),
+        fingerprint(SHORTCUT, RULE, P.sample, "b", "s", prompts=torch.tensor([[1, 3]])),
+    ]
+    assert len({fp, *changed}) == len(changed) + 1
+
+
+def test_fingerprint_ignores_what_does_not_make_the_samples():
+    # the rest of the grid; the shortcut's weights for a sampler that does not use them
+    other_grid = P.sample.model_copy(update={"vanilla_steps": [2, 8], "baselines": []})
+    fp = fingerprint(SHORTCUT, RULE, P.sample, "b", "s")
+    assert fingerprint(SHORTCUT, RULE, other_grid, "b", "s") == fp
+    assert fingerprint(VANILLA, RULE, P.sample, "b", "s") == fingerprint(VANILLA, RULE, P.sample, "b", None)
+
+
+def test_a_folder_is_up_to_date_only_with_its_fingerprint(tmp_path):
+    folder = tmp_path / "vanilla-N8"
+    assert not is_up_to_date(folder, "abc")  # missing
+    folder.mkdir()
+    (folder / "info.json").write_text(json.dumps({"fingerprint": "abc"}))
+    assert is_up_to_date(folder, "abc") and not is_up_to_date(folder, "abd")
+    (folder / "info.json").write_text('{"fingerprint": "abc"')  # cut short by a kill
+    assert not is_up_to_date(folder, "abc")
+
+
+def test_folders_outside_the_grid_are_removed(tmp_path):
+    for name in ("vanilla-N8", "shortcut-N8-B3", "vanilla-N2", ".vanilla-N4.tmp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "samples.npz").write_bytes(b"x")
+    remove_other_folders(tmp_path, {"vanilla-N8", "shortcut-N8-B3", "reuse-N8-B3"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shortcut-N8-B3", "vanilla-N8"]
