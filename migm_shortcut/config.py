@@ -295,7 +295,8 @@ class Params(Section):
                 raise ValueError(f"sample.baseline_steps[{i}]={n} is not the steps of any sample.shortcut entry")
         if self.shortcut.unroll >= self.sampling.steps:
             raise ValueError(f"shortcut.unroll={self.shortcut.unroll} must be below sampling.steps={self.sampling.steps}")
-        if self.evaluate.inception and self.evaluate.inception_samples > self.sample.num_samples:
+        trained_images = not (self.is_published or self.is_text_to_image)
+        if trained_images and self.evaluate.inception and self.evaluate.inception_samples > self.sample.num_samples:
             raise ValueError(f"evaluate.inception_samples={self.evaluate.inception_samples} exceeds "
                              f"sample.num_samples={self.sample.num_samples}")
         if self.extract.batch_size > self.extract.unit_size or self.extract.unit_size % self.extract.batch_size:

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from .bases.contract import MaskedBase
-from .sampling import generate_on_cores, sampling_autocast
+from .sampling import SAMPLER_VERSION, generate_on_cores, sampling_autocast
 from .schedules import SamplingRule
 from .store import TrajectoryStore, remove_store
 
@@ -27,7 +27,8 @@ def open_store(url: str, base: MaskedBase, rule: SamplingRule, *, num_samples: i
     """Create the store or reopen it to resume; create it once before starting parallel workers.
 
     prompt_len: store prompts of that many (padded) token ids as conditions instead of class ids."""
-    meta = {"base_id": base.base_id, "rule": vars(rule), "seed": seed, "num_classes": num_classes}
+    meta = {"base_id": base.base_id, "rule": vars(rule), "seed": seed, "num_classes": num_classes,
+            "sampler": SAMPLER_VERSION}
     return TrajectoryStore.create_or_open(
         url, meta=meta, num_samples=num_samples, steps=rule.steps, seq_len=base.seq_len, dim=base.dim,
         num_tokens=base.num_tokens, dtype=dtype, unit_size=unit_size, cond_len=prompt_len,

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import SampleConfig, SamplerSetting
+from .sampling import SAMPLER_VERSION
 from .schedules import SamplingRule
 
 
@@ -25,7 +26,7 @@ def fingerprint(setting: SamplerSetting, rule: SamplingRule, sample: SampleConfi
     inputs = {"setting": setting.model_dump(), "rule": vars(rule),
               "sample": sample.model_dump(exclude=grid), "base": base_id, "shortcut": shortcut_id if setting.sampler == "shortcut" else None,
               # a new sampling or timing method resamples and re-times every set
-              "timing": "batch wall time; on a CPU a slice of the batch per thread", "noise": "counter hash"}
+              "timing": "batch wall time; on a CPU a slice of the batch per thread", "sampler": SAMPLER_VERSION}
     if prompts is not None:
         inputs["prompts"] = hashlib.sha256(prompts.numpy().tobytes()).hexdigest()
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]

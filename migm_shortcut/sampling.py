@@ -22,6 +22,11 @@ from .noise import sample_keys, uniforms
 from .schedules import REVEAL, SamplingRule, cfg_weight, noise_scale, refresh_steps
 
 
+# Names the sampler's arithmetic (noise, draws): recorded with trajectories and sample sets, so that
+# outputs of an earlier sampler are redone instead of resumed or kept.
+SAMPLER_VERSION = "counter-hash noise, inverse-CDF draws, masked positions only"
+
+
 @dataclass
 class StepState:
     """What a feature source may look at when asked for the feature of `step`."""

@@ -19,7 +19,7 @@ from migm_shortcut.bases.maskgit import load_maskgit_imagenet
 from migm_shortcut.train_base import train_base
 from migm_shortcut.training import TrainingState
 
-from .common import DATA, device, log_stage, params, stage_args, training_run, write_json
+from .common import DATA, device, log_stage, no_training_curve, params, stage_args, training_run, write_json
 from .tokenizer import CODES, load_prompt_ids, load_tokenizer
 
 OUT = DATA / "base"
@@ -64,6 +64,7 @@ def import_published(p) -> None:
     save_base(base, MODEL, config)
     metrics = {"transformer_parameters": base.transformer_parameters(), "imported": True}
     write_json(OUT / "metrics.json", metrics)
+    no_training_curve("base")
     log_stage(p, "base", params={"name": b.name, **files}, metrics=metrics)
     print(f"base: imported {b.name} ({metrics['transformer_parameters'] / 1e6:.1f}M transformer parameters)")
 

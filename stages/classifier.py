@@ -8,7 +8,7 @@ Inception FID, whose reference features stage `reference` computes, or CLIPScore
 from migm_shortcut.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from migm_shortcut.classifier import DomainClassifier, accuracy, fit_classifier
 
-from .common import DATA, params, stage_args, training_run, write_json
+from .common import DATA, no_training_curve, params, stage_args, training_run, write_json
 from .prepare import load_splits
 
 OUT = DATA / "classifier"
@@ -31,6 +31,7 @@ def main(argv=None) -> None:
         quality = "CLIPScore against the prompts" if p.is_text_to_image else "Inception FID (stage reference)"
         write_json(OUT / "none.json", {"classifier": None, "quality": quality})
         write_json(METRICS, {"classifier": None})
+        no_training_curve("classifier")
         print(f"classifier: none; quality is {quality}")
         return
     splits = load_splits()

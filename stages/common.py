@@ -169,6 +169,12 @@ class Curve:
         self.run.log(step, stats)
 
 
+def no_training_curve(name: str) -> None:
+    """A stage that trains nothing (a published base brings its own model) still writes the curve
+    file dvc.yaml declares as its plot, empty."""
+    write_json(CURVES / f"{name}.json", [])
+
+
 @contextlib.contextmanager
 def training_run(p: Params, name: str, *, params: dict):
     """`stage_run` for a training stage, yielding its Curve; when the block ends, the curve's

@@ -10,7 +10,7 @@ import numpy as np
 from migm_shortcut.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from migm_shortcut.tokenizer import VQTokenizer, encode_dataset, fit_tokenizer
 
-from .common import DATA, params, read_json, stage_args, training_run, write_json
+from .common import DATA, no_training_curve, params, read_json, stage_args, training_run, write_json
 from .prepare import PROMPTS, load_splits
 
 OUT = DATA / "tokenizer"
@@ -68,6 +68,7 @@ def main(argv=None) -> None:
         info = {"trained": False, "base": p.base.name, "codebook_size": p.base.published.codebook_size,
                 **(tokenize(p) if p.is_text_to_image else {})}
         write_json(OUT / "published.json", info)
+        no_training_curve("tokenizer")
         write_json(METRICS, info)
         print(f"tokenizer: none trained; {p.base.name} decodes with its published VQ model")
         return

@@ -123,7 +123,7 @@ def test_published_base_runs_the_whole_pipeline(paper_project):
     data = paper_project / "data"
     assert json.loads((data / "tokenizer/published.json").read_text())["trained"] is False
     assert not (data / "tokenizer/model.safetensors").exists() and not (data / "classifier/model.safetensors").exists()
-    with np.load(data / "classifier/reference_features.npz") as z:
+    with np.load(data / "reference/inception.npz") as z:
         assert z["inception"].shape == (12, 2048)
     assert json.loads((data / "base/model.json").read_text())["kind"] == "maskgit-imagenet"
     report = json.loads((data / "report/metrics.json").read_text())
