@@ -31,12 +31,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from migm_shortcut.bases import build_base, load_base  # noqa: E402
-from migm_shortcut.bases.dimoo import CODEBOOK, IMAGE_OFFSET, LLaDAConfig, LLaDAModelLM, LuminaDiMOO  # noqa: E402
+from migm_shortcut.bases.dimoo import (CODEBOOK, IMAGE_OFFSET, LLaDAConfig, LLaDAModelLM,  # noqa: E402
+                                       LuminaDiMOO)
 from migm_shortcut.config import load_params  # noqa: E402
 from migm_shortcut.metrics import measure_latency  # noqa: E402
 from migm_shortcut.noise import sample_keys  # noqa: E402
-from migm_shortcut.sampling import (FeatureSource, Learned, Reuse, StepState, commit_step, fixed_threads, generate,  # noqa: E402
-                                    generate_on_cores, sampling_autocast)
+from migm_shortcut.sampling import (FeatureSource, Learned, Reuse, StepState, commit_step,  # noqa: E402
+                                    fixed_threads, generate, generate_on_cores, sampling_autocast)
 from migm_shortcut.schedules import REVEAL  # noqa: E402
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec  # noqa: E402
 from migm_shortcut.schedules import SamplingRule  # noqa: E402
@@ -62,7 +63,8 @@ def random_base(p, layers: int | None):
                            "depth": depth, "heads": b.heads, "mlp_dim": int(b.width * b.mlp_ratio),
                            "codebook_size": pub.codebook_size, "num_classes": pub.num_classes})
     llada = LLaDAModelLM(LLaDAConfig(d_model=b.width, n_heads=b.heads, n_layers=depth,
-                                     mlp_hidden_size=int(b.width * b.mlp_ratio), vocab_size=IMAGE_OFFSET + CODEBOOK))
+                                     mlp_hidden_size=int(b.width * b.mlp_ratio), vocab_size=IMAGE_OFFSET + CODEBOOK,
+                                     pad_token_id=None))
     return LuminaDiMOO(llada, image_size=p.data.image_size, prompt_len=pub.prompt_len, uncond_prompt=[1, 2, 3])
 
 
@@ -126,8 +128,8 @@ def part1(args, p, base, shortcut, dev, timing) -> None:
     cond = conditions(base, timing["batch_size"], dev)
     points = PAPER_POINTS.get(p.base.name) or [(s.steps, b) for s in p.sample.shortcut for b in s.budgets]
     depth = f"{args.layers} of {p.base.depth} layers, scaled" if args.layers else f"{p.base.depth} layers"
-    print(f"part 1: step costs at batch {len(cond)} on {args.threads} intra-op threads, L = {base.num_tokens}, K = {base.codebook_size}, D = {base.dim}, "
-          f"base {depth}")
+    print(f"part 1: step costs at batch {len(cond)} on {args.threads} intra-op threads, L = {base.num_tokens}, "
+          f"K = {base.codebook_size}, D = {base.dim}, base {depth}")
     for N in sorted({n for n, _ in points}):
         full, short, work = step_costs(base, shortcut, SamplingRule.of(p.sampling, N), cond, timing, scale)
         print(f"  N = {N}: base step {full:.3f} ms/img; shortcut step {short:.3f} ms/img ({short / full:.1%} "

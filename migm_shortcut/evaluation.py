@@ -128,7 +128,8 @@ def clip_scores(scorer: Callable[[Tensor, list[str]], Tensor], prompts: list[str
         scores[name] = torch.cat([scorer(images, [prompts[i] for i in labels[batch]])
                                   for batch, images in decoded_batches(base, arrays["tokens"], dev, batch_size)])
         m = mean_interval(scores[name], resamples=bootstrap)
-        rows.append({**info, "clip_score": m["mean"], "clip_score_ci_low": m["ci_low"], "clip_score_ci_high": m["ci_high"]})
+        rows.append({**info, "clip_score": m["mean"], "clip_score_ci_low": m["ci_low"],
+                     "clip_score_ci_high": m["ci_high"]})
 
     def difference(key: str, a: str, b: str) -> dict:
         m = mean_interval(scores[a] - scores[b], resamples=bootstrap)
@@ -154,7 +155,8 @@ def _paired(row: dict, name: str, d: dict, quality: Quality) -> dict:
             f"{name}_beyond_ci": quality.gain(least, 0.0) > 0}
 
 
-def add_paired_comparisons(rows: list[dict], scores: Scores, quality: Quality, keys: tuple[str, ...]) -> list[dict]:
+def add_paired_comparisons(rows: list[dict], scores: Scores, quality: Quality,
+                           keys: tuple[str, ...]) -> list[dict]:
     """For each accelerated row, paired differences with their 95% intervals on quality `keys`
     (the headline first): against the fastest vanilla point slower than it (`dominates_slower_vanilla`
     when better beyond the interval on the headline), and for shortcut rows against each

@@ -240,8 +240,8 @@ def generate_on_cores(threads: int, base: MaskedBase, rule: SamplingRule, cond: 
 
     slice_batch: the batch is cut into `threads` slices that run side by side, one thread each. A
     small base's ops are too short to share well between cores, and a whole batch's activations
-    spill out of cache: on a 2-core CPU two one-thread halves sample about 1.4x faster than the
-    whole batch on two threads (BENCHMARKS.md). A sample's noise depends on its index alone, so the
+    spill out of cache: on a 2-core CPU two one-thread halves sample about 1.1x faster than the
+    whole batch on two threads (BENCHMARKS.md, section 1). A sample's noise depends on its index alone, so the
     result is the same as one `generate` call; `source` makes a fresh feature source per slice.
     Off (e.g. for a compiled forward, which is not called from several threads at once): the whole
     batch on `threads` intra-op threads.
