@@ -6,7 +6,7 @@ A feature space is scored under a row-key prefix. `fid` is always the headline: 
 Inception-v3 features when computed (the paper's protocol, SPEC section 7), else the domain
 classifier's. `domain_fid` is the domain classifier's FID as a second view beside Inception: those
 features were trained to tell classes apart and are close to blind to the local defects of stale
-features (BENCHMARKS.md, section 2), which is why they are not the headline.
+features (BENCHMARKS.md, sections 2 and 5), which is why they are not the headline.
 
 Every set of a grid is sampled for the same classes (prompts) with the same per-sample seeds, so
 row i of two sets belongs together: bootstrap resamples drawn with one seed pair the sets, and a

@@ -59,7 +59,7 @@ class MaskedBase(nn.Module, ABC):
     def shortcut_context(self, cond: torch.Tensor):
         """Extra shortcut inputs for a batch of conditions [B, ...] (both CFG branches), or None.
 
-        Rotary bases (DiMOO) return a `shortcut.ShortcutContext` (positions, prompt embeddings);
+        Rotary bases (DiMOO) return a `layers.ShortcutContext` (positions, prompt embeddings);
         MaskGIT's absolute positions are already in `embed_tokens`, so it needs none."""
         return None
 

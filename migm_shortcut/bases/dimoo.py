@@ -29,7 +29,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..checkpoint import load_state_strict
-from ..shortcut import ShortcutContext, rotate
+from ..layers import ShortcutContext, rotate
 from .contract import MaskedBase
 
 # Token map (published config.py SPECIAL_TOKENS; SPEC section 9).
