@@ -72,9 +72,7 @@ def models(args, p, dev):
     if args.random:
         base = random_base(p, args.layers)
         s = p.shortcut
-        spec = ShortcutSpec(dim=base.dim, bottleneck_ratio=s.bottleneck_ratio, blocks=s.blocks, heads=s.heads,
-                            cross_attention=s.cross_attention, time_embedding=s.time_embedding,
-                            variant=base.shortcut_variant)
+        spec = ShortcutSpec.of(s, base.dim, base.shortcut_variant)
         return base.to(dev).eval().requires_grad_(False), Shortcut(spec).to(dev).eval()
     from stages.train_shortcut import load_shortcut
 

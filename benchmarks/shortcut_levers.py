@@ -53,9 +53,7 @@ def main() -> None:
     for run in json.loads(args.runs):
         start = time.time()
         torch.manual_seed(s.seed)
-        spec = ShortcutSpec(dim=base.dim, bottleneck_ratio=s.bottleneck_ratio, blocks=s.blocks, heads=s.heads,
-                            cross_attention=s.cross_attention, time_embedding=s.time_embedding,
-                            variant=base.shortcut_variant)
+        spec = ShortcutSpec.of(s, base.dim, base.shortcut_variant)
         model = train_shortcut(
             Shortcut(spec), base, PairDataset(url, range(num_train), unroll=run.get("unroll", 1)), steps=updates,
             batch_size=s.batch_size, lr=s.lr, lr_decay_at=updates * 3 // 4, weight_decay=s.weight_decay,

@@ -37,6 +37,13 @@ class ShortcutSpec:
     time_embedding: bool = True
     variant: str = "maskgit"  # or "dimoo": LLaDA-style blocks with rotary positions (needs a ShortcutContext)
 
+    @classmethod
+    def of(cls, config, dim: int, variant: str) -> "ShortcutSpec":
+        """The spec params.yaml's `shortcut` section gives a shortcut for a base of width `dim`
+        whose features call for `variant` (its `shortcut_variant`)."""
+        return cls(dim=dim, bottleneck_ratio=config.bottleneck_ratio, blocks=config.blocks, heads=config.heads,
+                   cross_attention=config.cross_attention, time_embedding=config.time_embedding, variant=variant)
+
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown shortcut variant {self.variant!r}; known: {', '.join(VARIANTS)}")

@@ -73,12 +73,12 @@ def feature_spaces(p, dev) -> tuple[list[FeatureSpace], torch.nn.Module | None]:
     return spaces, classifier
 
 
-def caption(p, spaces: list[FeatureSpace], floors: dict) -> str:
+def caption(p, spaces: list[FeatureSpace], floors: dict, inception: bool) -> str:
     """Which metric each claim rests on, and why."""
     if p.is_text_to_image:
         return f"CLIPScore ({p.evaluate.clip_model}) of each image against its prompt; every claim rests on it."
     head = spaces[0]
-    if head.key == "fid" and isinstance(head.extractor, InceptionFeatures):
+    if inception:
         text = (f"Headline: FID on Inception-v3 pool features (the paper's protocol) against {len(head.reference)} "
                 "reference images; every claim (speedup at equal quality, domination of a slower vanilla point, "
                 "shortcut against reuse and extrapolation at the same N and B) rests on it.")
@@ -100,7 +100,7 @@ def main(argv=None) -> None:
     sets = {s.name: load_sample_set(s.name, p.sample.num_samples, base.num_tokens) for s in p.sample.settings()}
     batch = decode_batch(p)
     if p.is_text_to_image:
-        quality, spaces, floors = CLIP_SCORE, [], {}
+        quality, spaces, floors, inception = CLIP_SCORE, [], {}, False
         scorer, prompts = ClipScore(p.evaluate.clip_model, dev), read_json(PROMPTS)["eval"]
         scores = clip_scores(scorer, prompts, base, sets, dev, batch_size=batch, bootstrap=p.evaluate.bootstrap)
         summary = {"num_prompts": len(prompts)}
@@ -121,7 +121,8 @@ def main(argv=None) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     q = quality.key
     pareto_plot(rows, OUT / "pareto.png", f"{p.data.dataset}: {quality.label} vs latency", quality)
-    (OUT / "report.md").write_text(markdown_table(rows, p.sampling.steps, quality, caption(p, spaces, floors)))
+    note = caption(p, spaces, floors, inception)
+    (OUT / "report.md").write_text(markdown_table(rows, p.sampling.steps, quality, note))
     write_json(OUT / "pareto.json", plot_rows(rows, quality))
     write_json(OUT / "headline.json", headline(rows, p.sampling.steps, quality))
     summary["seconds"] = time.perf_counter() - start

@@ -52,8 +52,7 @@ def main(argv=None) -> None:
     num_train = store.num_samples - p.extract.num_val
     train_set = PairDataset(url, range(num_train), unroll=s.unroll)
     val_set = PairDataset(url, range(num_train, store.num_samples))
-    spec = ShortcutSpec(dim=base.dim, bottleneck_ratio=s.bottleneck_ratio, blocks=s.blocks, heads=s.heads,
-                        cross_attention=s.cross_attention, time_embedding=s.time_embedding, variant=base.shortcut_variant)
+    spec = ShortcutSpec.of(s, base.dim, base.shortcut_variant)
     rule = SamplingRule.of(p.sampling, store.steps)
     # The grid's budgets at the stored N, where the rollout can follow the true trajectory.
     budgets = sorted({b for grid in p.sample.shortcut if grid.steps == store.steps for b in grid.budgets if b < store.steps})
