@@ -160,9 +160,15 @@ class ShortcutConfig(Section):
     checkpoint_minutes: float = Field(10.0, gt=0)  # work between saves of the training state (and on SIGTERM)
 
 
+# uniform: the refreshes of SPEC section 6 (`schedules.refresh_steps`); learned: the steps where the
+# shortcut's measured rollout error is least (`schedules.learned_refresh_steps`, stored by train_shortcut).
+Placement = Literal["uniform", "learned"]
+
+
 class ShortcutGrid(Section):
     steps: int = Field(ge=2)
     budgets: list[int] = Field(min_length=1)
+    placement: Placement = "uniform"
 
 
 class SamplerSetting(BaseModel):
@@ -171,10 +177,14 @@ class SamplerSetting(BaseModel):
     sampler: Literal["vanilla", "shortcut", "reuse", "extrapolate"]
     steps: int
     budget: int
+    placement: Placement = "uniform"
 
     @property
     def name(self) -> str:
-        return f"vanilla-N{self.steps}" if self.sampler == "vanilla" else f"{self.sampler}-N{self.steps}-B{self.budget}"
+        if self.sampler == "vanilla":
+            return f"vanilla-N{self.steps}"
+        learned = "-learned" if self.placement == "learned" else ""
+        return f"{self.sampler}{learned}-N{self.steps}-B{self.budget}"
 
 
 class SampleConfig(Section):
@@ -195,8 +205,10 @@ class SampleConfig(Section):
     def settings(self) -> list[SamplerSetting]:
         out = [SamplerSetting(sampler="vanilla", steps=n, budget=n) for n in self.vanilla_steps]
         for grid in self.shortcut:
-            out += [SamplerSetting(sampler="shortcut", steps=grid.steps, budget=b) for b in grid.budgets]
-            if grid.steps in self.baseline_steps:
+            out += [SamplerSetting(sampler="shortcut", steps=grid.steps, budget=b, placement=grid.placement)
+                    for b in grid.budgets]
+            # The baselines follow the uniform grid, as in the paper; a learned placement is the shortcut's own.
+            if grid.steps in self.baseline_steps and grid.placement == "uniform":
                 out += [SamplerSetting(sampler=k, steps=grid.steps, budget=b) for k in self.baselines for b in grid.budgets]
         return out
 

@@ -18,12 +18,13 @@ from .schedules import SamplingRule
 
 
 def fingerprint(setting: SamplerSetting, rule: SamplingRule, sample: SampleConfig, base_id: str,
-                shortcut_id: str | None, prompts: torch.Tensor | None = None) -> str:
+                shortcut_id: str | None, refresh: list[int], prompts: torch.Tensor | None = None) -> str:
     """Hash of what a configuration's samples depend on. shortcut_id: the shortcut's weights (only
-    shortcut configurations depend on them); prompts: a text-to-image base's, which the params alone
-    do not fix."""
+    shortcut configurations depend on them); refresh: its full steps (a learned placement's are
+    measured, not fixed by the params); prompts: a text-to-image base's, which the params alone do
+    not fix."""
     grid = {"vanilla_steps", "shortcut", "baselines", "baseline_steps"}  # the other configurations
-    inputs = {"setting": setting.model_dump(), "rule": vars(rule),
+    inputs = {"setting": setting.model_dump(), "rule": vars(rule), "refresh": refresh,
               "sample": sample.model_dump(exclude=grid), "base": base_id, "shortcut": shortcut_id if setting.sampler == "shortcut" else None,
               # a new sampling or timing method resamples and re-times every set
               "timing": "batch wall time; on a CPU a slice of the batch per thread", "sampler": SAMPLER_VERSION}

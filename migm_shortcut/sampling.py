@@ -170,9 +170,10 @@ def commit_step(base: MaskedBase, rule: SamplingRule, f: torch.Tensor, masked: t
 
 @torch.no_grad()
 def generate(base: MaskedBase, rule: SamplingRule, cond: torch.Tensor, sample_ids: list[int], seed: int, *,
-             budget: int | None = None, source: FeatureSource | None = None, record: bool = False,
-             autocast_dtype: torch.dtype | None = None) -> SampleOutput:
-    """Sample images as token grids. `budget` = B full steps of the N = `rule.steps` (None: all).
+             budget: int | None = None, refresh: list[int] | None = None, source: FeatureSource | None = None,
+             record: bool = False, autocast_dtype: torch.dtype | None = None) -> SampleOutput:
+    """Sample images as token grids. `budget` = B full steps of the N = `rule.steps` (None: all),
+    on the uniform grid; or `refresh`: the full steps themselves (a learned placement, step 0 first).
 
     Every step works only on the positions still masked: all samples of a batch have the same
     number of them at every step (the schedule fixes it), so they are a dense [B, M] index, and
@@ -181,7 +182,9 @@ def generate(base: MaskedBase, rule: SamplingRule, cond: torch.Tensor, sample_id
     """
     N, L = rule.steps, base.num_tokens
     B, dev = len(cond), cond.device
-    full = set(refresh_steps(N, budget or N))
+    if refresh is not None and (budget is not None or 0 not in refresh):
+        raise ValueError(f"refresh={refresh}: give either budget or refresh steps, and step 0 among them")
+    full = set(refresh_steps(N, budget or N) if refresh is None else refresh)
     source = source or FeatureSource()
     reveal = REVEAL[rule.schedule](N, L)
     keys = sample_keys(seed, torch.as_tensor(sample_ids, device=dev))

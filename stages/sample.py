@@ -33,13 +33,13 @@ from migm_shortcut.metrics import measure_latency
 from migm_shortcut.sample_folders import fingerprint, is_up_to_date, remove_other_folders
 from migm_shortcut.sampling import (Extrapolate, FeatureSource, Learned, Reuse, fixed_threads, generate_on_cores,
                                     sampling_autocast)
-from migm_shortcut.schedules import SamplingRule
+from migm_shortcut.schedules import SamplingRule, refresh_steps
 
 from .base import MODEL as BASE_MODEL
 from .common import DATA, decode_batch, device, params, write_json
 from .tokenizer import prompt_conditions
 from .train_shortcut import MODEL as SHORTCUT_MODEL
-from .train_shortcut import load_shortcut
+from .train_shortcut import learned_placement, load_shortcut
 
 OUT = DATA / "samples"
 
@@ -74,13 +74,20 @@ def grid_images(images: torch.Tensor, largest: int = 128) -> torch.Tensor:
     return to_uint8(images).cpu()
 
 
+def refresh_plan(setting: SamplerSetting) -> list[int]:
+    """The full steps of a configuration: the uniform grid, or the learned placement stored with the shortcut."""
+    if setting.placement == "learned":
+        return learned_placement(setting.steps, setting.budget)
+    return refresh_steps(setting.steps, setting.budget)
+
+
 def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: float, fp: str,
-                labels: torch.Tensor, cond: torch.Tensor) -> dict:
+                labels: torch.Tensor, cond: torch.Tensor, refresh: list[int]) -> dict:
     rule, s = SamplingRule.of(p.sampling, setting.steps), p.sample
     def sample(ids: range):
         # A compiled forward is not called from several threads at once: no slicing then.
         return generate_on_cores(s.threads, base, rule, cond[ids.start : ids.stop].to(dev), list(ids), s.seed,
-                                 slice_batch=not s.compile, budget=setting.budget,
+                                 slice_batch=not s.compile, refresh=refresh,
                                  source=lambda: feature_source(setting.sampler, base, shortcut),
                                  autocast_dtype=sampling_autocast(dev))
 
@@ -113,7 +120,8 @@ def run_setting(setting: SamplerSetting, p, base, shortcut, dev, decoder_ms: flo
     shown = grid_samples(labels)
     shown_images = [grid_images(base.decode(t.to(dev))) for t in tokens[shown].split(decode_batch(p))]
     save_grid(torch.cat(shown_images), labels[shown], tmp / "grid.png")
-    info = {**setting.model_dump(), "name": setting.name, "num_samples": s.num_samples, "seconds": seconds,
+    info = {**setting.model_dump(), "name": setting.name, "refresh_steps": refresh, "num_samples": s.num_samples,
+            "seconds": seconds,
             "base_calls": setting.budget, "feature_source_calls": setting.steps - setting.budget,
             "latency_ms": latency["median_ms_per_image"], "latency_p10_ms": latency["p10"],
             "latency_p90_ms": latency["p90"], "latency_repeats": latency["repeats"], "latency_batch_size": s.batch_size,
@@ -147,8 +155,9 @@ def main(argv=None) -> None:
     shortcut_id = hashlib.sha256(SHORTCUT_MODEL.read_bytes()).hexdigest()[:16] if SHORTCUT_MODEL.is_file() else None
     labels, cond = conditions(p, base)
     prompts = cond if p.is_text_to_image else None
+    plans = {s.name: refresh_plan(s) for s in settings}
     prints = {s.name: fingerprint(s, SamplingRule.of(p.sampling, s.steps), p.sample, base.base_id, shortcut_id,
-                                  prompts) for s in settings}
+                                  plans[s.name], prompts) for s in settings}
     todo = [s for s in settings if not is_up_to_date(OUT / s.name, prints[s.name])]
     if args.workers == 1 and not args.only:  # the whole grid: drop folders of configurations no longer in it
         remove_other_folders(OUT, {s.name for s in settings})
@@ -161,7 +170,7 @@ def main(argv=None) -> None:
         decoder = measure_latency(lambda: base.decode(codes), warmup=1, repeats=3, batch_size=len(codes), device=dev)
     for setting in todo:
         info = run_setting(setting, p, base, shortcut, dev, decoder["median_ms_per_image"],
-                           prints[setting.name], labels, cond)
+                           prints[setting.name], labels, cond, plans[setting.name])
         print(f"sample {info['name']}: {info['latency_ms']:.2f} ms/image, {info['seconds']:.0f} s for {info['num_samples']}")
 
 

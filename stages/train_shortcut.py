@@ -7,6 +7,7 @@ Under torchrun rank 0 alone validates, saves the checkpoint and logs.
 """
 
 import contextlib
+import time
 from pathlib import Path
 
 import torch
@@ -17,15 +18,17 @@ from migm_shortcut.checkpoint import load_checkpoint, load_state_strict, save_ch
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec
 from migm_shortcut.store import PairDataset, TrajectoryStore
 from migm_shortcut.tracking import log_model_checkpoint
-from migm_shortcut.train_shortcut import rollout_summary, train_shortcut, validate_rollout, validate_shortcut
+from migm_shortcut.train_shortcut import (measure_placements, rollout_summary, train_shortcut, validate_rollout,
+                                          validate_shortcut)
 from migm_shortcut.training import TrainingState
 from migm_shortcut.schedules import SamplingRule
 
 from .base import MODEL as BASE_MODEL
-from .common import DATA, device, params, project_root, stage_args, training_run, write_json
+from .common import DATA, device, params, project_root, read_json, stage_args, training_run, write_json
 
 OUT = DATA / "shortcut"
 MODEL = OUT / "model.safetensors"
+PLACEMENT = OUT / "placement.json"  # per N of the grid: the rollout errors and each budget's refresh steps
 RESUME = Path(".migm") / "resume" / "train_shortcut.pt"  # outside DVC's outputs, which a rerun deletes first
 
 
@@ -37,6 +40,15 @@ def load_shortcut(base_id: str | None = None) -> Shortcut:
     model = Shortcut(ShortcutSpec(**config["spec"]))
     load_state_strict(model, state, str(MODEL))
     return model.eval().requires_grad_(False)
+
+
+def learned_placement(steps: int, budget: int) -> list[int]:
+    """The learned refresh steps at (N, B) that train_shortcut stored beside the shortcut."""
+    try:
+        return read_json(PLACEMENT)[str(steps)]["budgets"][str(budget)]["learned"]
+    except (OSError, KeyError, ValueError) as err:
+        raise SystemExit(f"error: {PLACEMENT} holds no learned placement for N={steps}, B={budget} ({err!r}); "
+                         "rerun train_shortcut") from None
 
 
 def main(argv=None) -> None:
@@ -70,6 +82,10 @@ def main(argv=None) -> None:
             return
         per_step = validate_shortcut(model, base, val_set, device=dev)
         rollout = validate_rollout(model, base, store, range(num_train, store.num_samples), rule, budgets, device=dev)
+        start = time.perf_counter()
+        placement = measure_placements(model, base, store, range(num_train, store.num_samples), p.sampling,
+                                       p.sample.shortcut, dev)
+        placement_seconds = time.perf_counter() - start
         save_checkpoint(MODEL, model.state_dict(), {"kind": "shortcut", "spec": spec.to_dict(), "base_id": base.base_id,
                                                     "trained_on_steps": store.steps, "updates": s.steps})
         ratios = [r["mse_ratio"] for r in per_step]
@@ -79,16 +95,22 @@ def main(argv=None) -> None:
                    "val_cosine_mean": sum(r["cosine"] for r in per_step) / len(per_step),
                    "val_reuse_cosine_mean": sum(r["reuse_cosine"] for r in per_step) / len(per_step),
                    "parameters": size, "parameter_fraction_of_base": size / base.transformer_parameters(),
-                   "final_loss": curve.points[-1]["loss"], **rollout_summary(rollout)}
+                   "final_loss": curve.points[-1]["loss"], "placement_seconds": placement_seconds,
+                   **rollout_summary(rollout)}
         write_json(OUT / "metrics.json", metrics)
         write_json(OUT / "val_per_step.json", per_step)
         write_json(OUT / "rollout.json", rollout)
+        write_json(PLACEMENT, placement)
         curve.run.log(s.steps, metrics)
-        curve.run.log_artifacts([OUT / "val_per_step.json", OUT / "rollout.json"])
+        curve.run.log_artifacts([OUT / "val_per_step.json", OUT / "rollout.json", PLACEMENT])
         log_model_checkpoint(project_root(), curve.run.run_id, MODEL, load_checkpoint(MODEL)[1])
         state.remove()
     print(f"shortcut: val MSE / reuse MSE {metrics['val_mse_ratio_mean']:.2f} mean, {metrics['val_mse_ratio_last']:.2f} last step, "
           f"{metrics['val_mse_ratio_max']:.2f} worst; {metrics['parameter_fraction_of_base']:.1%} of the base's parameters")
+    for steps, placed in placement.items():
+        for budget, b in placed["budgets"].items():
+            print(f"shortcut: N={steps} B={budget}: learned refreshes {b['learned']} ({placed['criterion']} "
+                  f"{b['learned_error']:.4g}), uniform {b['uniform']} ({b['uniform_error']:.4g})")
     for budget in budgets:
         print(f"shortcut: chained rollout at B={budget}: MSE / reuse MSE {metrics[f'rollout_mse_ratio_B{budget}']:.2f}, "
               f"KL / reuse KL {metrics[f'rollout_kl_ratio_B{budget}']:.2f}")

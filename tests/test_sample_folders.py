@@ -14,19 +14,23 @@ P = parse_params(yaml.safe_load((PROFILES_DIR / "smoke.yaml").read_text()))
 SHORTCUT = SamplerSetting(sampler="shortcut", steps=8, budget=3)
 VANILLA = SamplerSetting(sampler="vanilla", steps=8, budget=8)
 RULE = SamplingRule(steps=8)
+UNIFORM = [0, 3, 5]  # refresh_steps(8, 3)
+EVERY = list(range(8))
 
 
 def test_fingerprint_changes_with_what_made_the_samples():
-    fp = fingerprint(SHORTCUT, RULE, P.sample, "b", "s")
-    assert fp == fingerprint(SHORTCUT, RULE, P.sample, "b", "s")  # deterministic
+    fp = fingerprint(SHORTCUT, RULE, P.sample, "b", "s", UNIFORM)
+    assert fp == fingerprint(SHORTCUT, RULE, P.sample, "b", "s", UNIFORM)  # deterministic
     changed = [
-        fingerprint(SHORTCUT.model_copy(update={"budget": 4}), RULE, P.sample, "b", "s"),
-        fingerprint(SHORTCUT, SamplingRule(steps=8, cfg=2.0), P.sample, "b", "s"),
-        fingerprint(SHORTCUT, RULE, P.sample.model_copy(update={"seed": 1}), "b", "s"),
-        fingerprint(SHORTCUT, RULE, P.sample, "other base", "s"),
-        fingerprint(SHORTCUT, RULE, P.sample, "b", "other shortcut"),
-        fingerprint(SHORTCUT, RULE, P.sample, "b", "s", prompts=torch.tensor([[1, 2]])),
-        fingerprint(SHORTCUT, RULE, P.sample, "b", "s", prompts=torch.tensor([[1, 3]])),
+        fingerprint(SHORTCUT.model_copy(update={"budget": 4}), RULE, P.sample, "b", "s", UNIFORM),
+        fingerprint(SHORTCUT, SamplingRule(steps=8, cfg=2.0), P.sample, "b", "s", UNIFORM),
+        fingerprint(SHORTCUT, RULE, P.sample.model_copy(update={"seed": 1}), "b", "s", UNIFORM),
+        fingerprint(SHORTCUT, RULE, P.sample, "other base", "s", UNIFORM),
+        fingerprint(SHORTCUT, RULE, P.sample, "b", "other shortcut", UNIFORM),
+        fingerprint(SHORTCUT, RULE, P.sample, "b", "s", UNIFORM, prompts=torch.tensor([[1, 2]])),
+        fingerprint(SHORTCUT, RULE, P.sample, "b", "s", UNIFORM, prompts=torch.tensor([[1, 3]])),
+        fingerprint(SHORTCUT, RULE, P.sample, "b", "s", [0, 2, 5]),  # a learned placement's steps
+        fingerprint(SHORTCUT.model_copy(update={"placement": "learned"}), RULE, P.sample, "b", "s", UNIFORM),
     ]
     assert len({fp, *changed}) == len(changed) + 1
 
@@ -34,9 +38,9 @@ def test_fingerprint_changes_with_what_made_the_samples():
 def test_fingerprint_ignores_what_does_not_make_the_samples():
     # the rest of the grid; the shortcut's weights for a sampler that does not use them
     other_grid = P.sample.model_copy(update={"vanilla_steps": [2, 8], "baselines": []})
-    fp = fingerprint(SHORTCUT, RULE, P.sample, "b", "s")
-    assert fingerprint(SHORTCUT, RULE, other_grid, "b", "s") == fp
-    assert fingerprint(VANILLA, RULE, P.sample, "b", "s") == fingerprint(VANILLA, RULE, P.sample, "b", None)
+    fp = fingerprint(SHORTCUT, RULE, P.sample, "b", "s", UNIFORM)
+    assert fingerprint(SHORTCUT, RULE, other_grid, "b", "s", UNIFORM) == fp
+    assert fingerprint(VANILLA, RULE, P.sample, "b", "s", EVERY) == fingerprint(VANILLA, RULE, P.sample, "b", None, EVERY)
 
 
 def test_a_folder_is_up_to_date_only_with_its_fingerprint(tmp_path):
