@@ -160,8 +160,9 @@ def add_paired_comparisons(rows: list[dict], scores: Scores, quality: Quality,
     """For each accelerated row, paired differences with their 95% intervals on quality `keys`
     (the headline first): against the fastest vanilla point slower than it (`dominates_slower_vanilla`
     when better beyond the interval on the headline), and for shortcut rows against each
-    training-free baseline at the same (N, B) (`<key>_minus_reuse`, `<key>_minus_extrapolate`)."""
-    by_config = {(r["sampler"], r["steps"], r["budget"]): r for r in rows}
+    training-free baseline at the same (N, B) (`<key>_minus_reuse`, `<key>_minus_extrapolate`), and
+    for a learned placement against the uniform one (`<key>_minus_uniform`)."""
+    by_config = {(r["sampler"], r["steps"], r["budget"], r.get("placement", "uniform")): r for r in rows}
     q = keys[0]
     for row in rows:
         if (other := fastest_slower_vanilla(rows, row)) is not None:
@@ -171,8 +172,11 @@ def add_paired_comparisons(rows: list[dict], scores: Scores, quality: Quality,
             row["dominates_slower_vanilla"] = row[f"{q}_minus_slower_vanilla_beyond_ci"]
         if row["sampler"] != "shortcut":
             continue
-        for kind in BASELINES:
-            if (twin := by_config.get((kind, row["steps"], row["budget"]))) is not None:
+        twins = {kind: (kind, row["steps"], row["budget"], "uniform") for kind in BASELINES}
+        if row.get("placement") == "learned":
+            twins = {"uniform": ("shortcut", row["steps"], row["budget"], "uniform")}
+        for kind, config in twins.items():
+            if (twin := by_config.get(config)) is not None:
                 for key in keys:
                     row |= _paired(row, f"{key}_minus_{kind}", scores.difference(key, row["name"], twin["name"]),
                                    quality)

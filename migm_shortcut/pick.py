@@ -91,12 +91,14 @@ def describe(row: dict, reference: dict, quality: Quality) -> str:
 def narrowed_grid(row: dict, reference_steps: int) -> dict:
     """The `sample` keys that make a later run sample just the choice and the reference vanilla
     (which every speedup is measured against), e.g. to confirm it on more samples."""
-    setting = SamplerSetting(sampler=row["sampler"], steps=row["steps"], budget=row["budget"])
+    setting = SamplerSetting(sampler=row["sampler"], steps=row["steps"], budget=row["budget"],
+                             placement=row.get("placement", "uniform"))
     if setting.sampler == "vanilla":
         return {"vanilla_steps": sorted({reference_steps, setting.steps}), "shortcut": [], "baselines": [],
                 "baseline_steps": []}
     baselines = [] if setting.sampler == "shortcut" else [setting.sampler]
-    return {"vanilla_steps": [reference_steps], "shortcut": [{"steps": setting.steps, "budgets": [setting.budget]}],
+    return {"vanilla_steps": [reference_steps], "shortcut": [{"steps": setting.steps, "budgets": [setting.budget],
+                                                              "placement": setting.placement}],
             "baselines": baselines, "baseline_steps": [setting.steps] if baselines else []}
 
 

@@ -197,5 +197,6 @@ def sampler_params(p: Params, row: dict) -> dict:
     """What a sampler configuration's run records: its setting, the sampling rule at its steps, and
     the shortcut's settings when it samples with one."""
     params = {"sampler": row["sampler"], "steps": row["steps"], "budget": row["budget"],
+              "placement": row.get("placement", "uniform"),
               "sampling": {**p.sampling.model_dump(), "steps": row["steps"]}}
     return params | ({"shortcut": p.shortcut.model_dump()} if row["sampler"] == "shortcut" else {})
