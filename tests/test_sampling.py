@@ -77,6 +77,20 @@ class Calls:
         self.shortcut_out.append(out.clone())
 
 
+def test_refresh_steps_given_are_the_base_calls(base, shortcut, monkeypatch):
+    # A learned placement names its full steps; the loop runs the base there and nowhere else.
+    calls = Calls(base, shortcut, monkeypatch)
+    try:
+        run(base, 8, refresh=[0, 1, 6], source=Learned(shortcut, base))
+    finally:
+        calls.hook.remove()
+    reveal = reveal_counts(8, base.num_tokens)
+    assert [m[0] for m in calls.base_masked] == [base.num_tokens - sum(reveal[:i]) for i in (0, 1, 6)]
+    assert len(calls.shortcut_args) == 5
+    with pytest.raises(ValueError, match="step 0"):
+        run(base, 8, refresh=[1, 6], source=Reuse())
+
+
 @pytest.mark.parametrize("steps, budget", [(4, 1), (4, 2), (4, 3), (8, 3), (8, 5), (12, 3), (12, 12), (15, 7)])
 def test_base_and_shortcut_call_counts(base, shortcut, monkeypatch, steps, budget):
     calls = Calls(base, shortcut, monkeypatch)
