@@ -60,7 +60,7 @@ def feature_spaces(p, dev) -> tuple[list[FeatureSpace], torch.nn.Module | None]:
         with np.load(INCEPTION_REFERENCE) as z:
             real = torch.from_numpy(z["inception"])
         n = None if p.is_published else p.evaluate.inception_samples
-        spaces.append(FeatureSpace("fid", InceptionFeatures(device=dev), real, n))
+        spaces.append(FeatureSpace("fid", InceptionFeatures(device=dev, dtype=getattr(torch, p.evaluate.inception_dtype)), real, n))
     if p.is_published:
         return spaces, None
     e = p.evaluate

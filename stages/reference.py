@@ -44,7 +44,7 @@ def main(argv=None) -> None:
         print("reference: no Inception features needed (evaluate.inception is off, or text to image)")
         return
     start = time.perf_counter()
-    inception = InceptionFeatures(device=dev)
+    inception = InceptionFeatures(device=dev, dtype=getattr(torch, p.evaluate.inception_dtype))
     feats = torch.cat([inception(to_float(x.to(dev))).cpu() for x in reference_images(p)])
     np.savez(OUT / "inception.tmp.npz", inception=feats.numpy())
     (OUT / "inception.tmp.npz").replace(FEATURES)
