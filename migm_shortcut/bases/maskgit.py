@@ -323,7 +323,7 @@ class MaskGITImageNet(MaskedBase):
         self.register_buffer("_image_positions", torch.arange(self.num_tokens), persistent=False)
 
     def config(self) -> dict:
-        """The builder config that rebuilds this (unloaded) module: for save_base / load_base."""
+        """The builder config that rebuilds this (unloaded) module: for save_model / load_base."""
         vq = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.vqgan.cfg).items()}
         return {"kind": "maskgit-imagenet", **self.sizes, "vqgan": vq}
 
