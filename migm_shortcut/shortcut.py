@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import load_model
-from .layers import ShortcutContext, rotate
+from .layers import ShortcutContext, attention
 
 
 @dataclass(frozen=True)
@@ -66,14 +66,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
         """rope: (query positions [B, S], key positions [B, T], theta) for rotary attention."""
-        B, S, D = x.shape
-        h = self.heads
-        q = self.q(x).view(B, S, h, D // h).transpose(1, 2)
-        k, v = self.kv(context).view(B, -1, 2, h, D // h).permute(2, 0, 3, 1, 4)
-        if rope is not None:
-            q, k = rotate(q, rope[0], rope[2]), rotate(k, rope[1], rope[2])
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+        k, v = self.kv(context).chunk(2, dim=-1)
+        return self.proj(attention(self.q(x), k, v, self.heads, mask, rope))
 
 
 def ffn(dim: int) -> nn.Module:
