@@ -11,6 +11,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .samplers import BASELINES, SAMPLERS, SHORTCUT, VANILLA
+
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
 
@@ -168,13 +170,13 @@ class ShortcutGrid(Section):
 class SamplerSetting(BaseModel):
     """One configuration of the sampling grid; `name` is its folder and its MLflow run name."""
 
-    sampler: Literal["vanilla", "shortcut", "reuse", "extrapolate"]
+    sampler: Literal[SAMPLERS]
     steps: int
     budget: int
 
     @property
     def name(self) -> str:
-        return f"vanilla-N{self.steps}" if self.sampler == "vanilla" else f"{self.sampler}-N{self.steps}-B{self.budget}"
+        return f"{VANILLA}-N{self.steps}" if self.sampler == VANILLA else f"{self.sampler}-N{self.steps}-B{self.budget}"
 
 
 class SampleConfig(Section):
@@ -189,13 +191,13 @@ class SampleConfig(Section):
     seed: int = 12345
     vanilla_steps: list[int] = Field(min_length=1)
     shortcut: list[ShortcutGrid] = Field(default_factory=list)
-    baselines: list[Literal["reuse", "extrapolate"]] = Field(default_factory=list)
+    baselines: list[Literal[BASELINES]] = Field(default_factory=list)
     baseline_steps: list[int] = Field(default_factory=list)  # the N of `shortcut` at which baselines run
 
     def settings(self) -> list[SamplerSetting]:
-        out = [SamplerSetting(sampler="vanilla", steps=n, budget=n) for n in self.vanilla_steps]
+        out = [SamplerSetting(sampler=VANILLA, steps=n, budget=n) for n in self.vanilla_steps]
         for grid in self.shortcut:
-            out += [SamplerSetting(sampler="shortcut", steps=grid.steps, budget=b) for b in grid.budgets]
+            out += [SamplerSetting(sampler=SHORTCUT, steps=grid.steps, budget=b) for b in grid.budgets]
             if grid.steps in self.baseline_steps:
                 out += [SamplerSetting(sampler=k, steps=grid.steps, budget=b) for k in self.baselines for b in grid.budgets]
         return out

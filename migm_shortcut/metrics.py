@@ -1,5 +1,5 @@
 """Evaluation metrics (SPEC section 7): feature extractors, FID / KID / IS / precision-recall,
-a bootstrap interval of FID, and device-synchronised latency.
+a bootstrap interval of FID, and CLIPScore (latency: `latency.py`).
 
 All metrics run on precomputed features, so one extraction pass serves every metric and every
 bootstrap resample. FID is computed in float64. Results depend only on the inputs and `seed`.
@@ -8,7 +8,6 @@ bootstrap resample. FID is computed in float64. Results depend only on the input
 from __future__ import annotations
 
 import importlib.metadata
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -367,43 +366,6 @@ def noise_floor(real_feats: Tensor, seed: int = 0) -> float:
     perm = torch.randperm(len(real_feats), generator=torch.Generator().manual_seed(seed))
     half = len(real_feats) // 2
     return fid(real_feats[perm[:half]], real_feats[perm[half : 2 * half]])
-
-
-# ----------------------------------------------------------------------------- latency
-
-
-def measure_latency(
-    fn: Callable[[], object], *, warmup: int, repeats: int, batch_size: int, device: str | torch.device
-) -> dict[str, float]:
-    """Milliseconds per image of `fn()`, which processes one batch of `batch_size` images.
-
-    `warmup` calls are run and discarded (allocation, autotuning, lazy init). On CUDA the device
-    is synchronised before and after each timed call, so queued kernels are neither charged to
-    the next call nor missed. Keys: median_ms_per_image, p10, p90, std (all ms/image), repeats.
-    """
-    device = torch.device(device)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3 / batch_size)
-    t = np.array(times)
-    return {
-        "median_ms_per_image": float(np.median(t)),
-        "p10": float(np.percentile(t, 10)),
-        "p90": float(np.percentile(t, 90)),
-        "std": float(t.std(ddof=1)) if repeats > 1 else 0.0,
-        "repeats": repeats,
-    }
 
 
 class ClipScore:

@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from . import distributed
 from .bases.contract import MaskedBase
-from .sampling import Extrapolate, Reuse, StepState, guided_logits
+from .samplers import BASELINES, EXTRAPOLATE, REUSE, SHORTCUT
+from .sampling import StepState, feature_source, guided_logits
 from .schedules import SamplingRule, refresh_steps
 from .shortcut import Shortcut
 from .store import PairDataset, TrajectoryBatchSampler, TrajectoryStore, pair_masks
@@ -198,7 +199,7 @@ def validate_shortcut(shortcut: Shortcut, base: MaskedBase, val_set: PairDataset
     ]  # fmt: skip
 
 
-ROLLOUT_SOURCES = ("shortcut", "reuse", "extrapolate")
+ROLLOUT_SOURCES = (SHORTCUT, *BASELINES)
 
 
 @torch.no_grad()
@@ -231,14 +232,14 @@ def validate_rollout(shortcut: Shortcut, base: MaskedBase, store: TrajectoryStor
 def _add_rollout(sums: dict, budget: int, shortcut, base, rule, true, tokens, order, cond) -> None:
     """One budget's chained rollout over a batch of trajectories, its error sums added to `sums`."""
     steps, full = true.shape[1], set(refresh_steps(true.shape[1], budget))
-    baselines = {"reuse": Reuse(), "extrapolate": Extrapolate()}
+    baselines = {name: feature_source(name, base) for name in BASELINES}
     for t in range(steps):
         if t in full:
             for source in baselines.values():
                 source.observe(t, true[:, t])
             prev = dict.fromkeys(ROLLOUT_SOURCES, true[:, t])
             continue
-        prev["shortcut"], mask = shortcut_step(shortcut, base, prev["shortcut"], tokens, order, t - 1, cond)
+        prev[SHORTCUT], mask = shortcut_step(shortcut, base, prev[SHORTCUT], tokens, order, t - 1, cond)
         new_mask, _, ratio = pair_masks(order, t - 1)
         state = StepState(t, steps, None, torch.where(order < t, tokens, base.mask_id), new_mask, ratio, cond)
         for name, source in baselines.items():
@@ -260,9 +261,27 @@ def rollout_summary(rows: list[dict]) -> dict:
         for r in rows:
             if r["budget"] == budget:
                 steps.setdefault(r["step"], {})[r["source"]] = r
-        for name in ("shortcut", "extrapolate"):
+        for name in (SHORTCUT, EXTRAPOLATE):
             for metric in ("mse", "kl"):
-                ratios = [s[name][metric] / max(s["reuse"][metric], 1e-30) for s in steps.values()]
-                prefix = "rollout" if name == "shortcut" else f"rollout_{name}"
+                ratios = [s[name][metric] / max(s[REUSE][metric], 1e-30) for s in steps.values()]
+                prefix = "rollout" if name == SHORTCUT else f"rollout_{name}"
                 out[f"{prefix}_{metric}_ratio_B{budget}"] = sum(ratios) / len(ratios)
     return out
+
+
+def rollout_budgets(grids, steps: int) -> list[int]:
+    """The budgets B < N of the sample grid's shortcut `grids` at the stored N = `steps`: where the
+    chained rollout can follow the true trajectory."""
+    return sorted({b for grid in grids if grid.steps == steps for b in grid.budgets if b < steps})
+
+
+def validation_summary(per_step: list[dict], rollout: list[dict], parameters: int, base_parameters: int) -> dict:
+    """The shortcut stage's metrics: per-step validation (`validate_shortcut`) averaged over the
+    steps, the chained rollout's (`rollout_summary`), and the shortcut's size."""
+    ratios = [r["mse_ratio"] for r in per_step]
+    return {"val_mse_ratio_mean": sum(ratios) / len(ratios), "val_mse_ratio_max": max(ratios),
+            "val_mse_ratio_last": ratios[-1],
+            "val_cosine_mean": sum(r["cosine"] for r in per_step) / len(per_step),
+            "val_reuse_cosine_mean": sum(r["reuse_cosine"] for r in per_step) / len(per_step),
+            "parameters": parameters, "parameter_fraction_of_base": parameters / base_parameters,
+            **rollout_summary(rollout)}
