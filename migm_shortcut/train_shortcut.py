@@ -12,8 +12,10 @@ from tqdm import tqdm
 
 from . import distributed
 from .bases.contract import MaskedBase
-from .sampling import Extrapolate, Reuse, StepState, generate, guided_logits, sampling_autocast
-from .schedules import SamplingRule, learned_refresh_steps, placement_error, refresh_steps
+from .placement import placements
+from .samplers import BASELINES, EXTRAPOLATE, REUSE, SHORTCUT
+from .sampling import StepState, feature_source, generate, guided_logits, sampling_autocast
+from .schedules import SamplingRule, refresh_steps
 from .shortcut import Shortcut
 from .store import PairDataset, TrajectoryBatchSampler, TrajectoryStore, pair_masks
 from .training import EMA, Log, TrainingState, autocast, check_finite
@@ -198,7 +200,7 @@ def validate_shortcut(shortcut: Shortcut, base: MaskedBase, val_set: PairDataset
     ]  # fmt: skip
 
 
-ROLLOUT_SOURCES = ("shortcut", "reuse", "extrapolate")
+ROLLOUT_SOURCES = (SHORTCUT, *BASELINES)
 
 
 def stored_trajectories(store: TrajectoryStore, indices: range, base: MaskedBase, device: torch.device,
@@ -263,14 +265,14 @@ def validate_rollout(shortcut: Shortcut, base: MaskedBase, store: TrajectoryStor
 def _add_rollout(sums: dict, budget: int, shortcut, base, rule, true, tokens, order, cond) -> None:
     """One budget's chained rollout over a batch of trajectories, its error sums added to `sums`."""
     steps, full = true.shape[1], set(refresh_steps(true.shape[1], budget))
-    baselines = {"reuse": Reuse(), "extrapolate": Extrapolate()}
+    baselines = {name: feature_source(name, base) for name in BASELINES}
     for t in range(steps):
         if t in full:
             for source in baselines.values():
                 source.observe(t, true[:, t])
             prev = dict.fromkeys(ROLLOUT_SOURCES, true[:, t])
             continue
-        prev["shortcut"], mask = shortcut_step(shortcut, base, prev["shortcut"], tokens, order, t - 1, cond)
+        prev[SHORTCUT], mask = shortcut_step(shortcut, base, prev[SHORTCUT], tokens, order, t - 1, cond)
         new_mask, _, ratio = pair_masks(order, t - 1)
         state = StepState(t, steps, None, torch.where(order < t, tokens, base.mask_id), new_mask, ratio, cond)
         for name, source in baselines.items():
@@ -301,21 +303,6 @@ def rollout_errors(shortcut: Shortcut, base: MaskedBase, batches, rule: Sampling
     return {"mse": (sums[..., 0] / sums[..., 1].clamp(min=1)).tolist(),
             "kl": (sums[..., 2] / sums[..., 3].clamp(min=1)).tolist()}
 
-# The error the learned placement minimises: the KL of the guided token distribution, the one the
-# sampler draws from (feature MSE also counts directions of the feature that the head ignores).
-PLACEMENT_ERROR = "kl"
-
-
-def placements(errors: dict[str, list[list[float]]], budgets: list[int]) -> dict:
-    """`rollout_errors` and, per budget, the uniform and the learned refresh steps with the summed
-    `PLACEMENT_ERROR` of each: what the sampler reads for a learned placement."""
-    error = errors[PLACEMENT_ERROR]
-    out = {"criterion": PLACEMENT_ERROR, **errors, "budgets": {}}
-    for budget in budgets:
-        chosen = {"uniform": refresh_steps(len(error), budget), "learned": learned_refresh_steps(error, budget)}
-        out["budgets"][str(budget)] = {**chosen, **{f"{k}_error": placement_error(error, v) for k, v in chosen.items()}}
-    return out
-
 
 def measure_placements(shortcut: Shortcut, base: MaskedBase, store: TrajectoryStore, indices: range, sampling,
                        grids: list, device: torch.device) -> dict:
@@ -334,6 +321,7 @@ def measure_placements(shortcut: Shortcut, base: MaskedBase, store: TrajectorySt
     return out
 
 
+
 def rollout_summary(rows: list[dict]) -> dict:
     """Per budget: the mean over its shortcut steps of each source's MSE and KL over reuse's."""
     out = {}
@@ -342,9 +330,27 @@ def rollout_summary(rows: list[dict]) -> dict:
         for r in rows:
             if r["budget"] == budget:
                 steps.setdefault(r["step"], {})[r["source"]] = r
-        for name in ("shortcut", "extrapolate"):
+        for name in (SHORTCUT, EXTRAPOLATE):
             for metric in ("mse", "kl"):
-                ratios = [s[name][metric] / max(s["reuse"][metric], 1e-30) for s in steps.values()]
-                prefix = "rollout" if name == "shortcut" else f"rollout_{name}"
+                ratios = [s[name][metric] / max(s[REUSE][metric], 1e-30) for s in steps.values()]
+                prefix = "rollout" if name == SHORTCUT else f"rollout_{name}"
                 out[f"{prefix}_{metric}_ratio_B{budget}"] = sum(ratios) / len(ratios)
     return out
+
+
+def rollout_budgets(grids, steps: int) -> list[int]:
+    """The budgets B < N of the sample grid's shortcut `grids` at the stored N = `steps`: where the
+    chained rollout can follow the true trajectory."""
+    return sorted({b for grid in grids if grid.steps == steps for b in grid.budgets if b < steps})
+
+
+def validation_summary(per_step: list[dict], rollout: list[dict], parameters: int, base_parameters: int) -> dict:
+    """The shortcut stage's metrics: per-step validation (`validate_shortcut`) averaged over the
+    steps, the chained rollout's (`rollout_summary`), and the shortcut's size."""
+    ratios = [r["mse_ratio"] for r in per_step]
+    return {"val_mse_ratio_mean": sum(ratios) / len(ratios), "val_mse_ratio_max": max(ratios),
+            "val_mse_ratio_last": ratios[-1],
+            "val_cosine_mean": sum(r["cosine"] for r in per_step) / len(per_step),
+            "val_reuse_cosine_mean": sum(r["reuse_cosine"] for r in per_step) / len(per_step),
+            "parameters": parameters, "parameter_fraction_of_base": parameters / base_parameters,
+            **rollout_summary(rollout)}

@@ -23,6 +23,16 @@ from migm_shortcut.data import DatasetNotFoundError, read_prompts  # noqa: E402
 
 DATA = Path("data")
 PARAMS_FILE = Path("params.yaml")
+# What the stages hand each other (dvc.yaml's outs of one, deps of the next), named once here.
+SPLITS, PROMPTS = DATA / "dataset" / "splits.npz", DATA / "dataset" / "prompts.json"
+TOKENIZER = DATA / "tokenizer" / "model.safetensors"
+CODES, PROMPT_IDS = DATA / "tokenizer" / "codes.npz", DATA / "tokenizer" / "prompts.json"
+CLASSIFIER = DATA / "classifier" / "model.safetensors"
+INCEPTION_REFERENCE = DATA / "reference" / "inception.npz"
+BASE = DATA / "base" / "model.safetensors"
+SHORTCUT = DATA / "shortcut" / "model.safetensors"
+PLACEMENT = DATA / "shortcut" / "placement.json"  # the learned refresh steps (migm_shortcut.placement)
+SAMPLES = DATA / "samples"
 
 
 def stage_args(doc: str, argv=None) -> argparse.Namespace:
@@ -84,6 +94,12 @@ def decode_batch(p: Params) -> int:
     """Images decoded per call: 250 at MNIST sizes, 64 at 256 px, 16 at 512 px, where a VQGAN
     decoder's full-resolution activations take about half a GB per image."""
     return max(16, min(250, 2**22 // p.data.image_size**2))
+
+
+def prompt_conditions(base, prompt_set: str) -> torch.Tensor:
+    """The conditions of a text-to-image prompt set ("train" or "eval"): its prompts' token ids
+    (stage tokenizer), left-padded by the base [n, P]."""
+    return base.pad_prompts(read_json(PROMPT_IDS)[prompt_set])
 
 
 def device() -> torch.device:

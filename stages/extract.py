@@ -18,9 +18,7 @@ from migm_shortcut.extract import extract, merge_stats, open_or_replace_store
 from migm_shortcut.schedules import SamplingRule
 from migm_shortcut.store import store_bytes
 
-from .base import MODEL as BASE_MODEL
-from .common import DATA, device, log_stage, params, write_json
-from .tokenizer import prompt_conditions
+from .common import BASE, DATA, device, log_stage, params, prompt_conditions, write_json
 
 METRICS = DATA / "extract" / "metrics.json"
 
@@ -46,7 +44,7 @@ def main(argv=None) -> None:
         if args.workers != 1:
             parser.error("under torchrun the ranks are the workers: drop --worker/--workers")
         args.worker, args.workers = distributed.rank(), distributed.world_size()
-    base = load_base(BASE_MODEL, dev)
+    base = load_base(BASE, dev)
     with distributed.main_first():  # creating a store is not safe to race
         store = prepare_store(p, base)
     if args.create_only:

@@ -14,48 +14,26 @@ import torch
 
 from migm_shortcut import distributed
 from migm_shortcut.bases import load_base
-from migm_shortcut.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from migm_shortcut.checkpoint import save_model
+from migm_shortcut.schedules import SamplingRule
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec
 from migm_shortcut.store import PairDataset, TrajectoryStore
 from migm_shortcut.tracking import log_model_checkpoint
-from migm_shortcut.train_shortcut import (measure_placements, rollout_summary, train_shortcut, validate_rollout,
-                                          validate_shortcut)
+from migm_shortcut.train_shortcut import (measure_placements, rollout_budgets, train_shortcut, validate_rollout,
+                                          validate_shortcut, validation_summary)
 from migm_shortcut.training import TrainingState
-from migm_shortcut.schedules import SamplingRule
 
-from .base import MODEL as BASE_MODEL
-from .common import DATA, device, params, project_root, read_json, stage_args, training_run, write_json
+from .common import BASE, PLACEMENT, SHORTCUT, device, params, project_root, stage_args, training_run, write_json
 
-OUT = DATA / "shortcut"
-MODEL = OUT / "model.safetensors"
-PLACEMENT = OUT / "placement.json"  # per N of the grid: the rollout errors and each budget's refresh steps
+OUT = SHORTCUT.parent
 RESUME = Path(".migm") / "resume" / "train_shortcut.pt"  # outside DVC's outputs, which a rerun deletes first
-
-
-def load_shortcut(base_id: str | None = None) -> Shortcut:
-    """The trained shortcut; with `base_id`, refuse one trained on another base's features."""
-    state, config = load_checkpoint(MODEL)
-    if base_id is not None and config["base_id"] != base_id:
-        raise ValueError(f"{MODEL} was trained on base {config['base_id']}, not {base_id}: rerun train_shortcut")
-    model = Shortcut(ShortcutSpec(**config["spec"]))
-    load_state_strict(model, state, str(MODEL))
-    return model.eval().requires_grad_(False)
-
-
-def learned_placement(steps: int, budget: int) -> list[int]:
-    """The learned refresh steps at (N, B) that train_shortcut stored beside the shortcut."""
-    try:
-        return read_json(PLACEMENT)[str(steps)]["budgets"][str(budget)]["learned"]
-    except (OSError, KeyError, ValueError) as err:
-        raise SystemExit(f"error: {PLACEMENT} holds no learned placement for N={steps}, B={budget} ({err!r}); "
-                         "rerun train_shortcut") from None
 
 
 def main(argv=None) -> None:
     stage_args(__doc__, argv)
     p, dev = params(), distributed.setup() or device()
     s = p.shortcut
-    base = load_base(BASE_MODEL, dev)
+    base = load_base(BASE, dev)
     url = p.extract.store
     store = TrajectoryStore.open(url)
     if store.meta["base_id"] != base.base_id:
@@ -67,7 +45,7 @@ def main(argv=None) -> None:
     spec = ShortcutSpec.of(s, base.dim, base.shortcut_variant)
     rule = SamplingRule.of(p.sampling, store.steps)
     # The grid's budgets at the stored N, where the rollout can follow the true trajectory.
-    budgets = sorted({b for grid in p.sample.shortcut if grid.steps == store.steps for b in grid.budgets if b < store.steps})
+    budgets = rollout_budgets(p.sample.shortcut, store.steps)
     fingerprint = {"params": s.model_dump(exclude={"checkpoint_minutes"}), "store": store.meta, "num_train": num_train}
     torch.manual_seed(s.seed)  # the same initial weights in every run, on every rank
     main_rank = distributed.is_main()  # it alone logs, validates and saves
@@ -86,24 +64,19 @@ def main(argv=None) -> None:
         placement = measure_placements(model, base, store, range(num_train, store.num_samples), p.sampling,
                                        p.sample.shortcut, dev)
         placement_seconds = time.perf_counter() - start
-        save_checkpoint(MODEL, model.state_dict(), {"kind": "shortcut", "spec": spec.to_dict(), "base_id": base.base_id,
-                                                    "trained_on_steps": store.steps, "updates": s.steps})
-        ratios = [r["mse_ratio"] for r in per_step]
+        config = {"kind": "shortcut", "spec": spec.to_dict(), "base_id": base.base_id,
+                  "trained_on_steps": store.steps, "updates": s.steps}
+        save_model(SHORTCUT, model, config)
         size = sum(t.numel() for t in model.parameters())
-        metrics = {"val_mse_ratio_mean": sum(ratios) / len(ratios), "val_mse_ratio_max": max(ratios),
-                   "val_mse_ratio_last": ratios[-1],
-                   "val_cosine_mean": sum(r["cosine"] for r in per_step) / len(per_step),
-                   "val_reuse_cosine_mean": sum(r["reuse_cosine"] for r in per_step) / len(per_step),
-                   "parameters": size, "parameter_fraction_of_base": size / base.transformer_parameters(),
-                   "final_loss": curve.points[-1]["loss"], "placement_seconds": placement_seconds,
-                   **rollout_summary(rollout)}
+        metrics = {**validation_summary(per_step, rollout, size, base.transformer_parameters()),
+                   "final_loss": curve.points[-1]["loss"], "placement_seconds": placement_seconds}
         write_json(OUT / "metrics.json", metrics)
         write_json(OUT / "val_per_step.json", per_step)
         write_json(OUT / "rollout.json", rollout)
         write_json(PLACEMENT, placement)
         curve.run.log(s.steps, metrics)
         curve.run.log_artifacts([OUT / "val_per_step.json", OUT / "rollout.json", PLACEMENT])
-        log_model_checkpoint(project_root(), curve.run.run_id, MODEL, load_checkpoint(MODEL)[1])
+        log_model_checkpoint(project_root(), curve.run.run_id, SHORTCUT, config)
         state.remove()
     print(f"shortcut: val MSE / reuse MSE {metrics['val_mse_ratio_mean']:.2f} mean, {metrics['val_mse_ratio_last']:.2f} last step, "
           f"{metrics['val_mse_ratio_max']:.2f} worst; {metrics['parameter_fraction_of_base']:.1%} of the base's parameters")

@@ -3,11 +3,13 @@ removal of folders no longer in the grid."""
 
 import json
 
+import pytest
 import torch
 import yaml
 
 from migm_shortcut.config import PROFILES_DIR, SamplerSetting, parse_params
-from migm_shortcut.sample_folders import fingerprint, is_up_to_date, remove_other_folders
+from migm_shortcut.sample_folders import (fingerprint, is_up_to_date, read_sample_set, remove_other_folders,
+                                          sample_conditions, sample_info, write_sample_folder)
 from migm_shortcut.sampling import SamplingRule
 
 P = parse_params(yaml.safe_load((PROFILES_DIR / "smoke.yaml").read_text()))
@@ -59,3 +61,28 @@ def test_folders_outside_the_grid_are_removed(tmp_path):
         (tmp_path / name / "samples.npz").write_bytes(b"x")
     remove_other_folders(tmp_path, {"vanilla-N8", "shortcut-N8-B3", "reuse-N8-B3"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shortcut-N8-B3", "vanilla-N8"]
+
+
+def test_conditions_cycle_through_the_choices():
+    labels, cond = sample_conditions(5, torch.tensor([[7, 7], [8, 8]]))  # two prompts
+    assert labels.tolist() == [0, 1, 0, 1, 0] and cond[:, 0].tolist() == [7, 8, 7, 8, 7]
+
+
+def test_a_written_folder_reads_back_and_replaces_the_old_one(tmp_path):
+    folder, tokens, labels = tmp_path / "reuse-N8-B3", torch.arange(12).view(4, 3), torch.tensor([0, 1, 0, 1])
+    folder.mkdir()
+    (folder / "stale.txt").write_text("from an earlier run")
+    info = sample_info(SHORTCUT, UNIFORM, 4, "abc", latency_ms=1.5)
+    write_sample_folder(folder, tokens, labels, torch.zeros(2, 1, 4, 4, dtype=torch.uint8), labels[:2], info)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reuse-N8-B3"]  # no temporary folder left
+    assert sorted(p.name for p in folder.iterdir()) == ["grid.png", "info.json", "samples.npz"]
+    read_info, arrays = read_sample_set(folder, 4, 3)
+    assert read_info == info and is_up_to_date(folder, "abc")
+    assert read_info["base_calls"] == 3 and read_info["feature_source_calls"] == 5
+    assert read_info["refresh_steps"] == UNIFORM
+    assert torch.equal(arrays["tokens"].long(), tokens) and torch.equal(arrays["labels"], labels)
+    with pytest.raises(ValueError, match="holds tokens \\(4, 3\\), expected \\(4, 5\\)"):
+        read_sample_set(folder, 4, 5)
+    (folder / "samples.npz").write_bytes(b"cut short")
+    with pytest.raises(ValueError, match="reuse-N8-B3 is missing or corrupt"):
+        read_sample_set(folder, 4, 3)

@@ -9,16 +9,16 @@ import torch
 from test_shortcut import tiny_store
 from tiny_models import SHORTCUT_SPEC, make_base, make_shortcut, one_thread  # noqa: F401 (autouse fixture)
 
-from migm_shortcut.extract import extract, open_store
 from migm_shortcut.config import SamplingConfig, ShortcutGrid
+from migm_shortcut.extract import extract, open_store
 from migm_shortcut.sampling import guided_logits
 from migm_shortcut.schedules import SamplingRule, learned_refresh_steps, refresh_steps
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec
 from migm_shortcut.store import PairDataset, TrajectoryBatchSampler, TrajectoryStore
 from migm_shortcut.train_shortcut import (
-    branch_cond, cond_then_uncond, distillation_kl, measure_placements, rollout_errors, rollout_summary,
-    sampled_trajectories, shortcut_loss, shortcut_step, stored_trajectories, train_shortcut, validate_rollout,
-    validate_shortcut,
+    branch_cond, cond_then_uncond, distillation_kl, measure_placements, rollout_budgets, rollout_errors,
+    rollout_summary, sampled_trajectories, shortcut_loss, shortcut_step, stored_trajectories, train_shortcut,
+    validate_rollout, validate_shortcut, validation_summary,
 )  # fmt: skip
 
 CPU = torch.device("cpu")
@@ -205,6 +205,22 @@ def test_rollout_errors_by_hand(tmp_path):
     assert got["shortcut", 1]["mse"] != got["reuse", 1]["mse"]
 
 
+def test_rollout_budgets_are_the_grid_budgets_below_the_stored_steps():
+    grids = [ShortcutGrid(steps=8, budgets=[4, 2, 8]), ShortcutGrid(steps=12, budgets=[3]),
+             ShortcutGrid(steps=8, budgets=[2, 5])]
+    assert rollout_budgets(grids, 8) == [2, 4, 5]
+
+
+def test_validation_summary_averages_the_steps():
+    per_step = [{"mse_ratio": r, "cosine": 0.9, "reuse_cosine": 0.5} for r in (0.2, 0.4, 0.9)]
+    rows = [{"budget": 2, "step": 1, "source": s, "mse": m, "kl": 1.0}
+            for s, m in (("shortcut", 1.0), ("reuse", 4.0), ("extrapolate", 2.0))]
+    out = validation_summary(per_step, rows, parameters=10, base_parameters=40)
+    assert out["val_mse_ratio_mean"] == pytest.approx(0.5) and out["val_mse_ratio_max"] == 0.9
+    assert out["val_mse_ratio_last"] == 0.9 and out["val_reuse_cosine_mean"] == pytest.approx(0.5)
+    assert out["parameter_fraction_of_base"] == 0.25 and out["rollout_mse_ratio_B2"] == 0.25
+
+
 # the error of every stretch of shortcut steps, for the learned placement
 
 
@@ -241,3 +257,4 @@ def test_measure_placements_at_each_learned_n(trajectories):
             assert b["learned"] == learned_refresh_steps(placed["kl"], int(budget))
             assert b["uniform"] == refresh_steps(len(placed["kl"]), int(budget))
             assert b["learned_error"] <= b["uniform_error"]
+
