@@ -53,8 +53,8 @@ class Killed(RuntimeError):
 
 def _env() -> dict[str, str]:
     # A unit is a subflow of the pipeline's run (run_deployment links it): the root is the pipeline.
-    env = {**os.environ, **telemetry.OFF,
-           "MIGM_PIPELINE_RUN": os.environ.get("MIGM_PIPELINE_RUN") or str(flow_run.root_flow_run_id)}
+    pipeline_run = os.environ.get("MIGM_PIPELINE_RUN") or str(flow_run.root_flow_run_id)
+    env = {**os.environ, **telemetry.OFF, "MIGM_PIPELINE_RUN": pipeline_run}
     bin_dir = str(Path(sys.executable).parent)  # dvc and python of this environment
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     return env
@@ -175,7 +175,7 @@ def _remote_units(units: list[tuple[list[str], str]], project: str, commit: str 
     from prefect.deployments import run_deployment
 
     spec, retries = _spec(project), load_params(Path(project) / "params.yaml").orchestration.retries
-    _run([sys.executable, "-m", "stages.cli", "parent"], project)  # made once, before units race to make it
+    _run([sys.executable, "-m", "stages.cli", "parent"], project)  # before units race to make two
 
     def start(args: list[str], output: str):
         return run_deployment(UNIT_DEPLOYMENT, timeout=0, parameters={

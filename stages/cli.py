@@ -20,8 +20,8 @@ from pathlib import Path
 from migm_shortcut import pick
 from migm_shortcut.config import ConfigError, load_params, use_profile
 
-STAGES = ("prepare", "tokenizer", "classifier", "reference", "base", "extract", "train_shortcut", "sample",
-          "evaluate")
+STAGES = ("prepare", "tokenizer", "classifier", "reference", "base", "extract", "train_shortcut",
+          "sample", "evaluate")
 
 
 def main(argv=None) -> None:
