@@ -1,7 +1,7 @@
 """Units of work on a real Prefect server's work pool, workers in separate checkouts.
 
 Costs: a Prefect server start (10-60 s on 2 busy cores) per test; the two-worker pipeline test
-also needs the `project` fixture (a smoke `dvc repro`, 3-4 min) and runs about 2-3 min more."""
+also needs the `project` fixture (a smoke `dvc repro`, 3-4 min) and runs about 4 min more."""
 
 import json
 import os
@@ -69,7 +69,7 @@ def _narrow(params_file) -> None:
 
 
 @pytest.mark.skipif(not os.environ.get("MIGM_POOL_TEST"), reason="slow, opt-in: MIGM_POOL_TEST=1 "
-                    "pytest tests/test_flows_pool.py (4-5 min on 2 cores after fixture `project`)")
+                    "pytest tests/test_flows_pool.py (about 4 min on 2 cores after fixture `project`)")
 def test_two_workers_in_two_checkouts_run_the_units_and_match_one_worker(project, tmp_path):
     """The smoke pipeline's stale extraction and sampling run as units on two workers (own
     checkouts, own device settings, a DVC remote between them) driven by a flow in a third
