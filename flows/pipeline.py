@@ -41,8 +41,8 @@ from prefect.variables import Variable  # noqa: E402
 
 from flows import transfer  # noqa: E402
 from migm_shortcut.config import load_params  # noqa: E402
+from stages.cli import STAGES  # noqa: E402
 
-STAGES = ("prepare", "tokenizer", "classifier", "base", "extract", "train_shortcut", "sample", "evaluate")
 UNIT_DEPLOYMENT = "migm-stage-unit/unit"
 SPEC_FILES = ("dvc.lock", "params.yaml")  # what a unit needs besides code and models
 
@@ -52,8 +52,9 @@ class Killed(RuntimeError):
 
 
 def _env() -> dict[str, str]:
-    env = {**os.environ, **telemetry.OFF,
-           "MIGM_PIPELINE_RUN": os.environ.get("MIGM_PIPELINE_RUN") or str(flow_run.id)}
+    # A unit is a subflow of the pipeline's run (run_deployment links it): the root is the pipeline.
+    pipeline_run = os.environ.get("MIGM_PIPELINE_RUN") or str(flow_run.root_flow_run_id)
+    env = {**os.environ, **telemetry.OFF, "MIGM_PIPELINE_RUN": pipeline_run}
     bin_dir = str(Path(sys.executable).parent)  # dvc and python of this environment
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     return env
@@ -174,6 +175,7 @@ def _remote_units(units: list[tuple[list[str], str]], project: str, commit: str 
     from prefect.deployments import run_deployment
 
     spec, retries = _spec(project), load_params(Path(project) / "params.yaml").orchestration.retries
+    _run([sys.executable, "-m", "stages.cli", "parent"], project)  # before units race to make two
 
     def start(args: list[str], output: str):
         return run_deployment(UNIT_DEPLOYMENT, timeout=0, parameters={

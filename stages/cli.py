@@ -3,6 +3,8 @@
     migm profile NAME          validate profiles/NAME.yaml and put it in place as params.yaml
     migm stage NAME [ARGS]     run one stage (what dvc.yaml calls), e.g. `migm stage extract --worker 1 --workers 2`
     migm check [FILE]          validate a params file without running anything
+    migm parent                the MLflow parent run of this pipeline run (made if missing): a
+                               flow makes it before its units start, so they cannot race to make two
     migm pick --max-loss 5%    the fastest evaluated configuration within 5% (or, without %, an
                                absolute amount) of the reference's quality; --min-speedup 3: the
                                best quality at 3x or faster; --write narrows params.yaml's sample
@@ -18,7 +20,8 @@ from pathlib import Path
 from migm_shortcut import pick
 from migm_shortcut.config import ConfigError, load_params, use_profile
 
-STAGES = ("prepare", "tokenizer", "classifier", "base", "extract", "train_shortcut", "sample", "evaluate")
+STAGES = ("prepare", "tokenizer", "classifier", "reference", "base", "extract", "train_shortcut",
+          "sample", "evaluate")
 
 
 def main(argv=None) -> None:
@@ -29,6 +32,7 @@ def main(argv=None) -> None:
     stage.add_argument("name", choices=STAGES)
     stage.add_argument("args", nargs=argparse.REMAINDER)
     sub.add_parser("check", help="validate a params file").add_argument("file", nargs="?", default="params.yaml")
+    sub.add_parser("parent", help="the MLflow parent run of this pipeline run")
     picker = sub.add_parser("pick", help="the configuration that answers a speed or quality budget")
     question = picker.add_mutually_exclusive_group(required=True)
     question.add_argument("--max-loss", help="quality loss allowed vs the reference: 5%% (relative) or 2.0 (absolute)")
@@ -46,6 +50,10 @@ def main(argv=None) -> None:
             print(f"{args.file}: valid")
         elif args.command == "pick":
             run_pick(args)
+        elif args.command == "parent":
+            from .common import params, parent_run  # imports torch: only here
+
+            print(parent_run(params()))
         else:
             module = importlib.import_module(f"stages.{args.name}")
             sys.argv = [f"migm stage {args.name}", *args.args]

@@ -56,7 +56,9 @@ def main(argv=None) -> None:
     stats = merge_stats(distributed.gather(stats))  # waits for every rank: then all units are written
     if not distributed.is_main():
         return
-    if not store.is_complete():
+    if not store.is_complete():  # one worker of several: its own run, the whole store's comes last
+        setting = {"worker": args.worker, "workers": args.workers, "device": str(dev)}
+        log_stage(p, f"extract-worker-{args.worker}", params=setting, metrics=stats)
         print(f"extract: worker {args.worker} done; other workers' units are still pending")
         return
     if stats["samples_written"] == 0 and METRICS.is_file():

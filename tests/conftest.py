@@ -133,7 +133,8 @@ def prefect_server(tmp: Path, deploy_from: Path):
     port = free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_HOME": str(tmp / "prefect"),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1"}
+           "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1",
+           "PREFECT_WORKER_QUERY_SECONDS": "2"}  # a worker's poll for new runs: 10 s by default
     env.pop("MLFLOW_TRACKING_URI", None)
 
     def cli(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
