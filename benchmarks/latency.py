@@ -39,7 +39,7 @@ from migm_shortcut.noise import sample_keys  # noqa: E402
 from migm_shortcut.sampling import (FeatureSource, Learned, Reuse, StepState, commit_step,  # noqa: E402
                                     fixed_threads, generate, generate_on_cores, sampling_autocast)
 from migm_shortcut.schedules import REVEAL  # noqa: E402
-from migm_shortcut.shortcut import Shortcut, ShortcutSpec, load_shortcut  # noqa: E402
+from migm_shortcut.shortcut import Shortcut, ShortcutSpec, compiled, load_shortcut  # noqa: E402
 from migm_shortcut.tokenizer import tokenizer_config  # noqa: E402
 from migm_shortcut.schedules import SamplingRule  # noqa: E402
 
@@ -142,12 +142,13 @@ def part2(args, p, base, shortcut, dev, timing) -> None:
 
     def run(budget, source):
         return lambda: generate_on_cores(args.threads, base, rule, cond, ids, 0, budget=budget, source=source,
-                                         autocast_dtype=sampling_autocast(dev))  # as the sample stage runs it
+                                         slice_batch=not args.compile,  # as the sample stage runs it
+                                         autocast_dtype=sampling_autocast(dev))
 
     print(f"part 2: end to end, batch {B}, {args.threads} threads")
     vanilla = measure_latency(run(None, FeatureSource), **timing)["median_ms_per_image"]
     print(f"  vanilla N={args.steps}: {vanilla:.2f} ms/img")
-    if dev.type == "cpu" and args.threads > 1:
+    if dev.type == "cpu" and args.threads > 1 and not args.compile:
         with fixed_threads(args.threads):
             whole = measure_latency(lambda: generate(base, rule, cond, ids, 0), **timing)["median_ms_per_image"]
         print(f"    the whole batch on {args.threads} intra-op threads instead of a slice per thread: "
@@ -169,17 +170,22 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[3, 4, 8], help="part 2's budgets")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="torch.compile the base's features and the shortcut (default: sample.compile)")
     args = parser.parse_args()
     p = load_params(f"profiles/{args.profile}.yaml" if args.profile else "params.yaml")
+    args.compile = p.sample.compile if args.compile is None else args.compile
     if p.is_published and not args.random:
         parser.error("a published profile is timed with --random (its architecture, random weights); the trained "
                      "base's own latencies are in data/samples/*/info.json")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with fixed_threads(args.threads), torch.no_grad():
         base, shortcut = models(args, p, dev)
+        if args.compile:  # compiled at the first (warm-up) call of each shape
+            base, shortcut = base.compile_features(), compiled(shortcut)
         timing = dict(warmup=1, repeats=args.repeats, batch_size=args.batch or p.sample.batch_size, device=dev)
         print(f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-              f"threads {args.threads}, base {base.transformer_parameters() / 1e6:.2f}M params, "
+              f"threads {args.threads}, {'compiled' if args.compile else 'eager'}, base {base.transformer_parameters() / 1e6:.2f}M params, "
               f"shortcut {sum(t.numel() for t in shortcut.parameters()) / 1e6:.3f}M params")
         part1(args, p, base, shortcut, dev, timing)
         if p.base.name == "tiny-maskgit":

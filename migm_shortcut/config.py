@@ -197,7 +197,7 @@ class SampleConfig(Section):
     batch_size: int = Field(125, ge=1)  # also the latency batch size (the paper: 128); a last partial batch is not timed
     warmup_batches: int = Field(1, ge=0)
     threads: int = Field(2, ge=1)  # CPU threads, fixed so runs compare: each samples a slice of every batch
-    compile: bool = False  # torch.compile the base's forward (pays off on a GPU; +6% on this CPU)
+    compile: bool = False  # torch.compile the base's forward and the shortcut's step (BENCHMARKS.md, section 1)
     seed: int = 12345
     vanilla_steps: list[int] = Field(min_length=1)
     shortcut: list[ShortcutGrid] = Field(default_factory=list)

@@ -186,6 +186,13 @@ class Shortcut(nn.Module):
         return f + self.up(x)
 
 
+def compiled(shortcut: Shortcut) -> nn.Module:
+    """The shortcut under torch.compile, shapes dynamic: the number of new tokens changes from step
+    to step and one graph serves every count. A step of this small model is mostly element-wise
+    work (norms, activations, residuals) that compilation fuses (BENCHMARKS.md, section 1)."""
+    return torch.compile(shortcut, dynamic=True)
+
+
 def load_shortcut(path: str | Path, base_id: str) -> Shortcut:
     """The trained shortcut of `path`; refused when it was trained on another base's features."""
     model, config = load_model(path, lambda c: Shortcut(ShortcutSpec(**c["spec"])))

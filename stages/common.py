@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,8 +73,12 @@ def params() -> Params:
                        "CLIPModel/CLIPProcessor.save_pretrained (the paper's: openai/clip-vit-large-patch14)")
     if p.is_text_to_image:
         missing += _prompt_problems(p)
+    if p.sample.compile and not torch.cuda.is_available() and not (os.environ.get("CXX") or shutil.which("g++")
+                                                                   or shutil.which("clang++")):
+        missing.append("sample.compile = true: torch.compile on a CPU builds C++ kernels, and no C++ compiler is "
+                       "here (g++, clang++ or $CXX); install one or set sample.compile: false")
     if missing:
-        sys.exit(f"error: {PARAMS_FILE} names files that are not there or do not fit:\n  " + "\n  ".join(missing))
+        sys.exit(f"error: {PARAMS_FILE} asks for what is not here or does not fit:\n  " + "\n  ".join(missing))
     return p
 
 

@@ -28,7 +28,7 @@ from migm_shortcut.sample_folders import (fingerprint, is_up_to_date, remove_oth
                                           sample_info, write_sample_folder)
 from migm_shortcut.samplers import SHORTCUT as SHORTCUT_SAMPLER
 from migm_shortcut.schedules import SamplingRule
-from migm_shortcut.shortcut import load_shortcut
+from migm_shortcut.shortcut import compiled, load_shortcut
 
 from .common import BASE, PLACEMENT, SAMPLES, SHORTCUT, decode_batch, device, params, prompt_conditions
 
@@ -66,6 +66,8 @@ def main(argv=None) -> None:
         return
     needs_shortcut = any(setting.sampler == SHORTCUT_SAMPLER for setting in todo)
     shortcut = load_shortcut(SHORTCUT, base.base_id).to(dev) if needs_shortcut else None
+    if shortcut is not None and s.compile:
+        shortcut = compiled(shortcut)
     codes = torch.zeros(min(s.batch_size, decode_batch(p)), base.num_tokens, dtype=torch.long, device=dev)
     decoder_ms = decoder_latency(base.decode, codes, threads=s.threads, device=dev)
     shown = grid_samples(labels)
