@@ -17,6 +17,7 @@ import fcntl
 import functools
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -199,18 +200,41 @@ class StageRun:
 
 
 @contextlib.contextmanager
+def _system_metrics(uri: str, run_id: str) -> Iterator[None]:
+    """MLflow's system metrics (CPU, memory, disk, network; GPU where pynvml finds one) go into the
+    run while the block runs, every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10)."""
+    try:
+        import psutil  # noqa: F401  MLflow's CPU monitor imports it at module level
+    except ImportError:
+        print("MLflow system metrics are off: psutil is not installed (pip install psutil)", file=sys.stderr)
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()  # flushes the last samples, before the run is closed
+
+
+@contextlib.contextmanager
 def stage_run(root: Path, parent_id: str, name: str, *, params: Mapping[str, Any] | None = None,
-              tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
+              tags: Mapping[str, str] | None = None, system_metrics: bool = False) -> Iterator[StageRun]:
     """A nested run under `parent_id`, started now and ended when the block ends: FINISHED, or
-    FAILED when the block raises (the error propagates)."""
-    client = _client(tracking_uri(root))
+    FAILED when the block raises (the error propagates). With `system_metrics` the machine's load
+    is logged while the block runs."""
+    uri = tracking_uri(root)
+    client = _client(uri)
     experiment_id = _retry(client.get_run, parent_id).info.experiment_id
     run = _retry(client.create_run, experiment_id, run_name=name, tags={**(tags or {}), MLFLOW_PARENT_RUN_ID: parent_id})
     stage = StageRun(client, run.info.run_id)
     status = "FAILED"
     try:
         stage.log_params(params or {})
-        yield stage
+        with _system_metrics(uri, stage.run_id) if system_metrics else contextlib.nullcontext():
+            yield stage
         status = "FINISHED"
     finally:
         _retry(client.set_terminated, stage.run_id, status)

@@ -19,7 +19,8 @@ from migm_shortcut.bases.maskgit import load_maskgit_imagenet
 from migm_shortcut.train_base import train_base
 from migm_shortcut.training import TrainingState
 
-from .common import DATA, device, log_stage, no_training_curve, params, stage_args, training_run, write_json
+from .common import (DATA, device, no_training_curve, params, stage_args, stage_run, training_run,
+                     write_json)
 from .tokenizer import CODES, load_prompt_ids, load_tokenizer
 
 OUT = DATA / "base"
@@ -59,13 +60,14 @@ def load_published(p, files: dict[str, str]):
 
 def import_published(p) -> None:
     b, files = p.base, {k: path for k, (path, _) in p.published_files().items()}
-    base, extra = load_published(p, files)
-    config = {**base.config(), **extra, "hash": weights_hash(base.state_dict())}
-    save_base(base, MODEL, config)
-    metrics = {"transformer_parameters": base.transformer_parameters(), "imported": True}
-    write_json(OUT / "metrics.json", metrics)
-    no_training_curve("base")
-    log_stage(p, "base", params={"name": b.name, **files}, metrics=metrics)
+    with stage_run(p, "base", params={"name": b.name, **files}) as run:
+        base, extra = load_published(p, files)
+        config = {**base.config(), **extra, "hash": weights_hash(base.state_dict())}
+        save_base(base, MODEL, config)
+        metrics = {"transformer_parameters": base.transformer_parameters(), "imported": True}
+        write_json(OUT / "metrics.json", metrics)
+        no_training_curve("base")
+        run.log_metrics(metrics)
     print(f"base: imported {b.name} ({metrics['transformer_parameters'] / 1e6:.1f}M transformer parameters)")
 
 

@@ -1,7 +1,7 @@
 """Stage `evaluate`: quality metrics of every sample set, speedups, the report and the Pareto plot.
 
-Every sample folder is checked before anything is computed or logged: a missing or damaged one
-stops the stage with its name, and earlier reports and MLflow runs stay as they were. Samples are
+Every sample folder is checked before anything is computed: a missing or damaged one stops the
+stage with its name (the stage's MLflow run FAILED), and earlier reports and runs stay as they were. Samples are
 stored as tokens; they are decoded here batch by batch and go straight into the feature extractors
 (`migm_shortcut.evaluation`), so memory holds features, never a whole sample set's pixels.
 
@@ -30,7 +30,8 @@ from migm_shortcut.report import CLIP_SCORE, Quality, add_comparisons, markdown_
 
 from .base import MODEL as BASE_MODEL
 from .classifier import load_classifier
-from .common import DATA, decode_batch, device, log_stage, params, read_json, sampler_params, stage_args, write_json
+from .common import (DATA, decode_batch, device, log_stage, params, read_json, sampler_params, stage_args, stage_run,
+                     write_json)
 from .prepare import PROMPTS, load_splits
 from .reference import FEATURES as INCEPTION_REFERENCE
 from .sample import OUT as SAMPLES
@@ -95,6 +96,12 @@ def caption(p, spaces: list[FeatureSpace], floors: dict, inception: bool) -> str
 def main(argv=None) -> None:
     stage_args(__doc__, argv)
     p, dev = params(), device()
+    with stage_run(p, "evaluate", params=p.evaluate.model_dump()) as run:
+        evaluate(p, dev, run)
+
+
+def evaluate(p, dev, run) -> None:
+    """Score every sample set, write the report, log each configuration's run and the stage's."""
     start = time.perf_counter()
     base = load_base(BASE_MODEL, dev)
     sets = {s.name: load_sample_set(s.name, p.sample.num_samples, base.num_tokens) for s in p.sample.settings()}
@@ -132,8 +139,8 @@ def main(argv=None) -> None:
         numbers = {k: v for k, v in r.items() if isinstance(v, (int, float)) and k not in ("steps", "budget")}
         log_stage(p, r["name"], params=sampler_params(p, r), metrics=numbers,
                   artifacts=[SAMPLES / r["name"] / "grid.png"])
-    log_stage(p, "evaluate", params=p.evaluate.model_dump(), metrics=summary,
-              artifacts=[OUT / "pareto.png", OUT / "report.md", OUT / "metrics.json"])
+    run.log_metrics(summary)
+    run.log_artifacts([OUT / "pareto.png", OUT / "report.md", OUT / "metrics.json"])
     print((OUT / "report.md").read_text())
     print(f"evaluate: {len(rows)} configurations, {q} on {scores.rows[0].get(q + '_samples', '')} samples each")
 

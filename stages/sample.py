@@ -36,7 +36,7 @@ from migm_shortcut.sampling import (Extrapolate, FeatureSource, Learned, Reuse, 
 from migm_shortcut.schedules import SamplingRule
 
 from .base import MODEL as BASE_MODEL
-from .common import DATA, decode_batch, device, params, write_json
+from .common import DATA, decode_batch, device, params, stage_run, write_json
 from .tokenizer import prompt_conditions
 from .train_shortcut import MODEL as SHORTCUT_MODEL
 from .train_shortcut import load_shortcut
@@ -141,6 +141,14 @@ def main(argv=None) -> None:
         if unknown := set(args.only) - {s.name for s in p.sample.settings()}:
             parser.error(f"unknown configurations {sorted(unknown)}")
         settings = [s for s in settings if s.name in args.only]
+    worker = {"worker": args.worker, "workers": args.workers}
+    with stage_run(p, "sample", params={**p.sample.model_dump(), **worker}) as run:
+        sample_grid(p, settings, dev, run, whole_grid=args.workers == 1 and not args.only)
+
+
+def sample_grid(p, settings: list[SamplerSetting], dev, run, *, whole_grid: bool) -> None:
+    """Sample the settings whose folders are not already right; `whole_grid`: also drop the folders
+    of configurations no longer in the grid."""
     base = load_base(BASE_MODEL, dev)
     if p.sample.compile:
         base.compile_features()
@@ -150,9 +158,10 @@ def main(argv=None) -> None:
     prints = {s.name: fingerprint(s, SamplingRule.of(p.sampling, s.steps), p.sample, base.base_id, shortcut_id,
                                   prompts) for s in settings}
     todo = [s for s in settings if not is_up_to_date(OUT / s.name, prints[s.name])]
-    if args.workers == 1 and not args.only:  # the whole grid: drop folders of configurations no longer in it
+    if whole_grid:
         remove_other_folders(OUT, {s.name for s in settings})
     print(f"sample: {len(settings) - len(todo)} of {len(settings)} configurations already done")
+    run.log_metrics({"configurations": len(settings), "configurations_sampled": len(todo)})
     if not todo:
         return
     shortcut = load_shortcut(base.base_id).to(dev) if any(s.sampler == "shortcut" for s in todo) else None

@@ -84,7 +84,9 @@ def test_corrupt_sample_set_fails_clearly_and_loses_nothing(project):
         assert out.returncode != 0
         assert "vanilla-N4" in out.stderr and "corrupt" in out.stderr
         assert (project / "data/report/metrics.json").read_bytes() == report_before
-        assert len(client.search_runs([exp.experiment_id], max_results=500)) == runs_before
+        runs = client.search_runs([exp.experiment_id], max_results=500, order_by=["attributes.start_time DESC"])
+        assert len(runs) == runs_before + 1  # the stage's own run, FAILED; no configuration's run
+        assert (runs[0].info.run_name, runs[0].info.status) == ("evaluate", "FAILED")
     finally:
         victim.write_bytes(saved)
 
