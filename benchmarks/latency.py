@@ -39,7 +39,7 @@ from migm_shortcut.noise import sample_keys  # noqa: E402
 from migm_shortcut.sampling import (FeatureSource, Learned, Reuse, StepState, commit_step,  # noqa: E402
                                     fixed_threads, generate, generate_on_cores, sampling_autocast)
 from migm_shortcut.schedules import REVEAL  # noqa: E402
-from migm_shortcut.shortcut import Shortcut, ShortcutSpec  # noqa: E402
+from migm_shortcut.shortcut import Shortcut, ShortcutSpec, load_shortcut  # noqa: E402
 from migm_shortcut.schedules import SamplingRule  # noqa: E402
 
 # The paper's MaskGIT-512 latencies (SPEC section 7): speedup against vanilla at the same N.
@@ -74,10 +74,10 @@ def models(args, p, dev):
         s = p.shortcut
         spec = ShortcutSpec.of(s, base.dim, base.shortcut_variant)
         return base.to(dev).eval().requires_grad_(False), Shortcut(spec).to(dev).eval()
-    from stages.train_shortcut import load_shortcut
+    from stages.train_shortcut import MODEL
 
     base = load_base("data/base/model.safetensors", dev)
-    return base, load_shortcut(base.base_id).to(dev)
+    return base, load_shortcut(MODEL, base.base_id).to(dev)
 
 
 def conditions(base, batch: int, dev) -> torch.Tensor:

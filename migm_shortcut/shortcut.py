@@ -19,11 +19,13 @@ cross-attention keys in the conditional branch.
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import load_checkpoint, load_state_strict
 from .layers import ShortcutContext, rotate
 
 
@@ -188,3 +190,14 @@ class Shortcut(nn.Module):
             scale, shift = self.time(timestep_embedding(1000 * mask_ratio)).chunk(2, dim=-1)
             x = x * (1 + scale[:, None]) + shift[:, None]
         return f + self.up(x)
+
+
+def load_shortcut(path: str | Path, base_id: str | None = None) -> Shortcut:
+    """The trained shortcut saved at `path`, frozen; with `base_id`, refuse one trained on another
+    base's features."""
+    state, config = load_checkpoint(path)
+    if base_id is not None and config["base_id"] != base_id:
+        raise ValueError(f"{path} was trained on base {config['base_id']}, not {base_id}: rerun train_shortcut")
+    model = Shortcut(ShortcutSpec(**config["spec"]))
+    load_state_strict(model, state, str(path))
+    return model.eval().requires_grad_(False)

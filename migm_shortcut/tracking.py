@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -198,6 +199,19 @@ class StageRun:
             log = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
             _retry(log, self.run_id, str(path))
 
+    def register_model(self, folder: Path, name: str, *, tags: Mapping[str, Any], description: str) -> ModelVersion:
+        """Log the MLflow model saved in `folder` as this run's artifact `model` and register it as a
+        new version of `name` (created when missing), with `tags` and `description`."""
+        _retry(self.client.log_artifacts, self.run_id, str(folder), "model")
+        try:
+            _retry(self.client.create_registered_model, name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{_retry(self.client.get_run, self.run_id).info.artifact_uri}/model"
+        return _retry(self.client.create_model_version, name, source, run_id=self.run_id,
+                      tags={k: str(v) for k, v in tags.items()}, description=description)
+
 
 @contextlib.contextmanager
 def _system_metrics(uri: str, run_id: str) -> Iterator[None]:
@@ -261,20 +275,3 @@ def child_run(
         _log(run.client, run.run_id, metrics=points + _numbers(metrics or {}, 0))  # one batch, not one call a step
         run.log_artifacts(artifacts)
     return run.run_id
-
-
-def log_model_checkpoint(
-    root: Path, run_id: str, path: Path, config: Mapping[str, Any] | Path | None = None
-) -> None:
-    """Attach a safetensors checkpoint and its config (a JSON file or a dict) under `checkpoint/`.
-
-    Plain artifacts rather than `mlflow.pytorch.log_model`: that pickles or exports the module
-    (pt2, with an input example) and needs this package importable to load it back, whereas the
-    project's own loader reads exactly these two files.
-    """
-    client = _client(tracking_uri(root))
-    _retry(client.log_artifact, run_id, str(path), "checkpoint")
-    if isinstance(config, Mapping):
-        _retry(client.log_dict, run_id, dict(config), "checkpoint/config.json")
-    elif config is not None:
-        _retry(client.log_artifact, run_id, str(config), "checkpoint")

@@ -34,12 +34,12 @@ from migm_shortcut.sample_folders import fingerprint, is_up_to_date, remove_othe
 from migm_shortcut.sampling import (Extrapolate, FeatureSource, Learned, Reuse, fixed_threads, generate_on_cores,
                                     sampling_autocast)
 from migm_shortcut.schedules import SamplingRule
+from migm_shortcut.shortcut import load_shortcut
 
 from .base import MODEL as BASE_MODEL
 from .common import DATA, decode_batch, device, params, stage_run, write_json
 from .tokenizer import prompt_conditions
 from .train_shortcut import MODEL as SHORTCUT_MODEL
-from .train_shortcut import load_shortcut
 
 OUT = DATA / "samples"
 
@@ -164,7 +164,7 @@ def sample_grid(p, settings: list[SamplerSetting], dev, run, *, whole_grid: bool
     run.log_metrics({"configurations": len(settings), "configurations_sampled": len(todo)})
     if not todo:
         return
-    shortcut = load_shortcut(base.base_id).to(dev) if any(s.sampler == "shortcut" for s in todo) else None
+    shortcut = load_shortcut(SHORTCUT_MODEL, base.base_id).to(dev) if any(s.sampler == "shortcut" for s in todo) else None
     codes = torch.zeros(min(p.sample.batch_size, decode_batch(p)), base.num_tokens, dtype=torch.long, device=dev)
     with fixed_threads(p.sample.threads):
         decoder = measure_latency(lambda: base.decode(codes), warmup=1, repeats=3, batch_size=len(codes), device=dev)

@@ -13,30 +13,20 @@ import torch
 
 from migm_shortcut import distributed
 from migm_shortcut.bases import load_base
-from migm_shortcut.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from migm_shortcut.checkpoint import save_checkpoint
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec
 from migm_shortcut.store import PairDataset, TrajectoryStore
-from migm_shortcut.tracking import log_model_checkpoint
+from migm_shortcut.shortcut_model import register_shortcut
 from migm_shortcut.train_shortcut import rollout_summary, train_shortcut, validate_rollout, validate_shortcut
 from migm_shortcut.training import TrainingState
 from migm_shortcut.schedules import SamplingRule
 
 from .base import MODEL as BASE_MODEL
-from .common import DATA, device, params, project_root, stage_args, training_run, write_json
+from .common import DATA, device, params, stage_args, training_run, write_json
 
 OUT = DATA / "shortcut"
 MODEL = OUT / "model.safetensors"
 RESUME = Path(".migm") / "resume" / "train_shortcut.pt"  # outside DVC's outputs, which a rerun deletes first
-
-
-def load_shortcut(base_id: str | None = None) -> Shortcut:
-    """The trained shortcut; with `base_id`, refuse one trained on another base's features."""
-    state, config = load_checkpoint(MODEL)
-    if base_id is not None and config["base_id"] != base_id:
-        raise ValueError(f"{MODEL} was trained on base {config['base_id']}, not {base_id}: rerun train_shortcut")
-    model = Shortcut(ShortcutSpec(**config["spec"]))
-    load_state_strict(model, state, str(MODEL))
-    return model.eval().requires_grad_(False)
 
 
 def main(argv=None) -> None:
@@ -85,7 +75,8 @@ def main(argv=None) -> None:
         write_json(OUT / "rollout.json", rollout)
         curve.run.log(s.steps, metrics)
         curve.run.log_artifacts([OUT / "val_per_step.json", OUT / "rollout.json"])
-        log_model_checkpoint(project_root(), curve.run.run_id, MODEL, load_checkpoint(MODEL)[1])
+        register_shortcut(curve.run, f"{p.tracking.experiment}-shortcut", MODEL, base, BASE_MODEL, rule,
+                          min(budgets, default=store.steps), metrics)
         state.remove()
     print(f"shortcut: val MSE / reuse MSE {metrics['val_mse_ratio_mean']:.2f} mean, {metrics['val_mse_ratio_last']:.2f} last step, "
           f"{metrics['val_mse_ratio_max']:.2f} worst; {metrics['parameter_fraction_of_base']:.1%} of the base's parameters")

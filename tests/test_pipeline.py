@@ -64,11 +64,16 @@ def test_mlflow_lists_every_configuration_with_budget_latency_and_fid(project):
         assert run_.data.metrics["fid"] > 0 and run_.data.metrics["latency_ms"] > 0
     # the training curve ends at the last update, on the loss the stage reports as final
     losses = client.get_metric_history(children["shortcut"].info.run_id, "loss")
-    final = json.loads((project / "data/shortcut/metrics.json").read_text())["final_loss"]
+    final_metrics = json.loads((project / "data/shortcut/metrics.json").read_text())
+    final = final_metrics["final_loss"]
     assert max(m.step for m in losses) == p.shortcut.steps
     assert max(losses, key=lambda m: m.step).value == pytest.approx(final)
-    artifacts = {a.path for a in client.list_artifacts(children["shortcut"].info.run_id, "checkpoint")}
-    assert "checkpoint/model.safetensors" in artifacts
+    artifacts = {a.path for a in client.list_artifacts(children["shortcut"].info.run_id, "model/artifacts")}
+    assert "model/artifacts/model.safetensors" in artifacts
+    version = client.search_model_versions(f"run_id = '{children['shortcut'].info.run_id}'")[0]
+    assert float(version.tags["val_mse_ratio_mean"]) == pytest.approx(final_metrics["val_mse_ratio_mean"])
+    for run_ in (children["shortcut"], children["sample"], children["evaluate"]):  # open while working
+        assert run_.info.status == "FINISHED" and run_.info.end_time - run_.info.start_time > 1000
 
 
 def test_corrupt_sample_set_fails_clearly_and_loses_nothing(project):

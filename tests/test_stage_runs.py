@@ -53,7 +53,7 @@ def test_a_stage_that_raises_leaves_a_failed_run_with_source_tags(stage, stage_d
 
 def test_a_stage_run_lasts_as_long_as_its_work_and_logs_system_metrics(stage_dir, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
-    with common.stage_run(load_params("params.yaml"), "work") as run:
+    with common.stage_run(load_params("params.yaml"), "work"):
         time.sleep(0.5)
     info = runs_of(stage_dir)["work"]
     assert info.info.status == "FINISHED"
