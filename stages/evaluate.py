@@ -35,6 +35,7 @@ from .common import (DATA, decode_batch, device, log_stage, params, read_json, s
 from .prepare import PROMPTS, load_splits
 from .reference import FEATURES as INCEPTION_REFERENCE
 from .sample import OUT as SAMPLES
+from .train_shortcut import METRICS as SHORTCUT_METRICS
 
 OUT = DATA / "report"
 BATCH = 250
@@ -131,7 +132,8 @@ def evaluate(p, dev, run) -> None:
     note = caption(p, spaces, floors, inception)
     (OUT / "report.md").write_text(markdown_table(rows, p.sampling.steps, quality, note))
     write_json(OUT / "pareto.json", plot_rows(rows, quality))
-    write_json(OUT / "headline.json", headline(rows, p.sampling.steps, quality))
+    shortcut_ratio = read_json(SHORTCUT_METRICS)["val_mse_ratio_mean"]
+    write_json(OUT / "headline.json", headline(rows, p.sampling.steps, quality, shortcut_ratio))
     summary["seconds"] = time.perf_counter() - start
     write_json(OUT / "metrics.json", {"summary": summary, **{r["name"]: r for r in rows}})
 

@@ -26,6 +26,7 @@ from .common import DATA, device, params, stage_args, training_run, write_json
 
 OUT = DATA / "shortcut"
 MODEL = OUT / "model.safetensors"
+METRICS = OUT / "metrics.json"
 RESUME = Path(".migm") / "resume" / "train_shortcut.pt"  # outside DVC's outputs, which a rerun deletes first
 
 
@@ -70,7 +71,7 @@ def main(argv=None) -> None:
                    "val_reuse_cosine_mean": sum(r["reuse_cosine"] for r in per_step) / len(per_step),
                    "parameters": size, "parameter_fraction_of_base": size / base.transformer_parameters(),
                    "final_loss": curve.points[-1]["loss"], **rollout_summary(rollout)}
-        write_json(OUT / "metrics.json", metrics)
+        write_json(METRICS, metrics)
         write_json(OUT / "val_per_step.json", per_step)
         write_json(OUT / "rollout.json", rollout)
         curve.run.log(s.steps, metrics)
