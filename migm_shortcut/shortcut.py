@@ -197,7 +197,8 @@ def load_shortcut(path: str | Path, base_id: str | None = None) -> Shortcut:
     base's features."""
     state, config = load_checkpoint(path)
     if base_id is not None and config["base_id"] != base_id:
-        raise ValueError(f"{path} was trained on base {config['base_id']}, not {base_id}: rerun train_shortcut")
+        raise ValueError(f"{path} was trained on base {config['base_id']}, not {base_id}: "
+                         "rerun train_shortcut")
     model = Shortcut(ShortcutSpec(**config["spec"]))
     load_state_strict(model, state, str(path))
     return model.eval().requires_grad_(False)

@@ -199,7 +199,8 @@ class StageRun:
             log = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
             _retry(log, self.run_id, str(path))
 
-    def register_model(self, folder: Path, name: str, *, tags: Mapping[str, Any], description: str) -> ModelVersion:
+    def register_model(self, folder: Path, name: str, *, tags: Mapping[str, Any],
+                       description: str) -> ModelVersion:
         """Log the MLflow model saved in `folder` as this run's artifact `model` and register it as a
         new version of `name` (created when missing), with `tags` and `description`."""
         _retry(self.client.log_artifacts, self.run_id, str(folder), "model")
@@ -220,7 +221,8 @@ def _system_metrics(uri: str, run_id: str) -> Iterator[None]:
     try:
         import psutil  # noqa: F401  MLflow's CPU monitor imports it at module level
     except ImportError:
-        print("MLflow system metrics are off: psutil is not installed (pip install psutil)", file=sys.stderr)
+        print("MLflow system metrics are off: psutil is not installed (pip install psutil)",
+              file=sys.stderr)
         yield
         return
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -235,7 +237,8 @@ def _system_metrics(uri: str, run_id: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def stage_run(root: Path, parent_id: str, name: str, *, params: Mapping[str, Any] | None = None,
-              tags: Mapping[str, str] | None = None, system_metrics: bool = False) -> Iterator[StageRun]:
+              tags: Mapping[str, str] | None = None,
+              system_metrics: bool = False) -> Iterator[StageRun]:
     """A nested run under `parent_id`, started now and ended when the block ends: FINISHED, or
     FAILED when the block raises (the error propagates). With `system_metrics` the machine's load
     is logged while the block runs."""

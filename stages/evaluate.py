@@ -1,9 +1,10 @@
 """Stage `evaluate`: quality metrics of every sample set, speedups, the report and the Pareto plot.
 
 Every sample folder is checked before anything is computed: a missing or damaged one stops the
-stage with its name (the stage's MLflow run FAILED), and earlier reports and runs stay as they were. Samples are
-stored as tokens; they are decoded here batch by batch and go straight into the feature extractors
-(`migm_shortcut.evaluation`), so memory holds features, never a whole sample set's pixels.
+stage with its name (the stage's MLflow run FAILED), and earlier reports and runs stay as they
+were. Samples are stored as tokens; they are decoded here batch by batch and go straight into the
+feature extractors (`migm_shortcut.evaluation`), so memory holds features, never a whole sample
+set's pixels.
 
 The headline quality (`fid` in every row) is FID on the standard Inception-v3 features when they
 are computed: a published base always (against the reference batch's features, and
@@ -30,8 +31,8 @@ from migm_shortcut.report import CLIP_SCORE, Quality, add_comparisons, markdown_
 
 from .base import MODEL as BASE_MODEL
 from .classifier import load_classifier
-from .common import (DATA, decode_batch, device, log_stage, params, read_json, sampler_params, stage_args, stage_run,
-                     write_json)
+from .common import (DATA, decode_batch, device, log_stage, params, read_json, sampler_params, stage_args,
+                     stage_run, write_json)
 from .prepare import PROMPTS, load_splits
 from .reference import FEATURES as INCEPTION_REFERENCE
 from .sample import OUT as SAMPLES

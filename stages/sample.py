@@ -164,7 +164,8 @@ def sample_grid(p, settings: list[SamplerSetting], dev, run, *, whole_grid: bool
     run.log_metrics({"configurations": len(settings), "configurations_sampled": len(todo)})
     if not todo:
         return
-    shortcut = load_shortcut(SHORTCUT_MODEL, base.base_id).to(dev) if any(s.sampler == "shortcut" for s in todo) else None
+    needs_shortcut = any(s.sampler == "shortcut" for s in todo)
+    shortcut = load_shortcut(SHORTCUT_MODEL, base.base_id).to(dev) if needs_shortcut else None
     codes = torch.zeros(min(p.sample.batch_size, decode_batch(p)), base.num_tokens, dtype=torch.long, device=dev)
     with fixed_threads(p.sample.threads):
         decoder = measure_latency(lambda: base.decode(codes), warmup=1, repeats=3, batch_size=len(codes), device=dev)

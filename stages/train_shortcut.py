@@ -22,7 +22,7 @@ from migm_shortcut.training import TrainingState
 from migm_shortcut.schedules import SamplingRule
 
 from .base import MODEL as BASE_MODEL
-from .common import DATA, device, params, stage_args, training_run, write_json
+from .common import DATA, device, params, project_root, stage_args, training_run, write_json
 
 OUT = DATA / "shortcut"
 MODEL = OUT / "model.safetensors"
@@ -76,8 +76,9 @@ def main(argv=None) -> None:
         write_json(OUT / "rollout.json", rollout)
         curve.run.log(s.steps, metrics)
         curve.run.log_artifacts([OUT / "val_per_step.json", OUT / "rollout.json"])
-        register_shortcut(curve.run, f"{p.tracking.experiment}-shortcut", MODEL, base, BASE_MODEL, rule,
-                          min(budgets, default=store.steps), metrics)
+        # The real project's base, not a `dvc exp run` copy's, which is deleted after the run.
+        register_shortcut(curve.run, f"{p.tracking.experiment}-shortcut", MODEL, base,
+                          project_root() / BASE_MODEL, rule, min(budgets, default=store.steps), metrics)
         state.remove()
     print(f"shortcut: val MSE / reuse MSE {metrics['val_mse_ratio_mean']:.2f} mean, {metrics['val_mse_ratio_last']:.2f} last step, "
           f"{metrics['val_mse_ratio_max']:.2f} worst; {metrics['parameter_fraction_of_base']:.1%} of the base's parameters")

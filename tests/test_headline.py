@@ -64,7 +64,7 @@ def test_the_one_dvc_metrics_file_is_the_headline_within_20_columns():
                 for path in (entry if isinstance(entry, dict) else [entry])]
     assert declared == ["data/report/headline.json"]
     p = load_params(PROFILES_DIR / "default.yaml")
-    rows = [{"name": s.name, "sampler": s.sampler, "steps": s.steps, "budget": s.budget, "latency_ms": float(s.budget),
-             "speedup_vs_reference": p.sampling.steps / s.budget, "fid": 20.0, "fid_minus_reuse": 0.0}
-            for s in p.sample.settings()]
+    rows = [{"name": s.name, "sampler": s.sampler, "steps": s.steps, "budget": s.budget,
+             "latency_ms": float(s.budget), "speedup_vs_reference": p.sampling.steps / s.budget,
+             "fid": 20.0, "fid_minus_reuse": 0.0} for s in p.sample.settings()]
     assert len(headline(rows, p.sampling.steps, FID, 0.4)) <= 20

@@ -26,8 +26,8 @@ def registered(tmp_path_factory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("registry")
     base = make_base()
     base_path = save_base(base, root / "base.safetensors", TINY_BASE)
-    shortcut_path = save_checkpoint(root / "shortcut" / "model.safetensors", make_shortcut().state_dict(),
-                                    {"spec": {"dim": 32, **SHORTCUT_SPEC}, "base_id": base.base_id})
+    config = {"spec": {"dim": 32, **SHORTCUT_SPEC}, "base_id": base.base_id}
+    shortcut_path = save_checkpoint(root / "shortcut" / "model.safetensors", make_shortcut().state_dict(), config)
     parent = tracking.pipeline_run(root, "test-exp", "pipeline", params={}, tags={}, key="k",
                                    state_file=root / "parents.json")
     with tracking.stage_run(root, parent, "shortcut") as run:
@@ -54,8 +54,10 @@ def test_registered_shortcut_loads_through_mlflow_and_samples(registry):
     labels = np.array([1, 2, 3], dtype=np.int64)
     tokens = model.predict(labels, params={"budget": 2})  # steps: the trained N by default
     base, shortcut = make_base(), make_shortcut()
-    expected = generate(base, RULE, torch.as_tensor(labels), [0, 1, 2], 0, budget=2, source=Learned(shortcut, base))
+    expected = generate(base, RULE, torch.as_tensor(labels), [0, 1, 2], 0, budget=2,
+                        source=Learned(shortcut, base))
     np.testing.assert_array_equal(tokens, expected.tokens.numpy())
+    assert model.predict(labels).shape == (3, base.num_tokens)  # every param defaults (B=3 of N=6)
     images = model.predict(labels, params={"steps": 4, "budget": 2, "decode": True})
     assert images.shape == (3, 1, 28, 28) and images.dtype == np.uint8
 
@@ -63,4 +65,5 @@ def test_registered_shortcut_loads_through_mlflow_and_samples(registry):
 def test_a_shortcut_loaded_with_another_base_says_how_to_name_its_own(registry):
     other = save_base(make_base(seed=1), registry[0] / "other.safetensors", {**TINY_BASE, "hash": "other"})
     with pytest.raises(ValueError, match="model_config"):
-        mlflow.pyfunc.load_model(f"models:/test-shortcut/{registry[1]}", model_config={"base": str(other)})
+        mlflow.pyfunc.load_model(f"models:/test-shortcut/{registry[1]}",
+                                 model_config={"base": str(other)})
