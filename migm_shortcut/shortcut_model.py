@@ -11,6 +11,7 @@ images [n, C, H, W] instead of token grids [n, L]).
 """
 
 import dataclasses
+import hashlib
 import tempfile
 from pathlib import Path
 
@@ -22,13 +23,13 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
+from . import tracking
 from .bases import MaskedBase, load_base
 from .checkpoint import config_path
 from .images import to_uint8
 from .sampling import Learned, generate
 from .schedules import SamplingRule
 from .shortcut import load_shortcut
-from .tracking import StageRun
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -77,13 +78,29 @@ def save_shortcut_model(folder: Path, shortcut: Path, base: MaskedBase, base_pat
     return folder
 
 
-def register_shortcut(run: StageRun, name: str, shortcut: Path, base: MaskedBase, base_path: Path,
+def registered_name(experiment: str) -> str:
+    """The registered model of the shortcuts trained in MLflow experiment `experiment`."""
+    return f"{experiment}-shortcut"
+
+
+def checkpoint_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def register_shortcut(run: tracking.StageRun, name: str, shortcut: Path, base: MaskedBase, base_path: Path,
                       rule: SamplingRule, budget: int, metrics: dict[str, float]) -> ModelVersion:
     """Log the shortcut as run `run`'s MLflow model and register it as a new version of `name`, its
-    `metrics` as tags and in the description."""
+    `metrics` as tags and in the description, the checkpoint's hash as tag `checkpoint_sha256`."""
     numbers = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
     description = f"MIGM-Shortcut of base {base.base_id}, trained on N={rule.steps}: {numbers}"
     with tempfile.TemporaryDirectory(prefix="shortcut-model-") as tmp:
         folder = save_shortcut_model(Path(tmp) / "model", shortcut, base, base_path, rule, budget)
-        tags = {**metrics, "base_id": base.base_id}
+        tags = {**metrics, "base_id": base.base_id, "checkpoint_sha256": checkpoint_sha256(shortcut)}
         return run.register_model(folder, name, tags=tags, description=description)
+
+
+def tag_with_headline(root: Path, name: str, shortcut: Path, headline: dict[str, float]) -> int:
+    """Tag the registered versions of `name` made from the checkpoint `shortcut` with the headline
+    of its latest evaluation (keys `headline.*`); how many versions."""
+    tags = {f"headline.{k}": v for k, v in headline.items()}
+    return tracking.tag_model_versions(root, name, ("checkpoint_sha256", checkpoint_sha256(shortcut)), tags)

@@ -257,6 +257,17 @@ def stage_run(root: Path, parent_id: str, name: str, *, params: Mapping[str, Any
         _retry(client.set_terminated, stage.run_id, status)
 
 
+def tag_model_versions(root: Path, name: str, match: tuple[str, str], tags: Mapping[str, Any]) -> int:
+    """Set `tags` on every version of registered model `name` whose tag match[0] is match[1]; how
+    many there were."""
+    client = _client(tracking_uri(root))
+    found = _retry(client.search_model_versions, f"name = '{name}' and tags.`{match[0]}` = '{match[1]}'")
+    for version in found:
+        for key, value in tags.items():
+            _retry(client.set_model_version_tag, name, version.version, key, str(value))
+    return len(found)
+
+
 def child_run(
     root: Path,
     parent_id: str,

@@ -28,15 +28,17 @@ from migm_shortcut.evaluation import FeatureSpace, add_paired_comparisons, clip_
 from migm_shortcut.headline import headline, plot_rows
 from migm_shortcut.metrics import ClassifierFeatures, ClipScore, InceptionFeatures, extract_features, noise_floor
 from migm_shortcut.report import CLIP_SCORE, Quality, add_comparisons, markdown_table, pareto_plot
+from migm_shortcut.shortcut_model import registered_name, tag_with_headline
 
 from .base import MODEL as BASE_MODEL
 from .classifier import load_classifier
-from .common import (DATA, decode_batch, device, log_stage, params, read_json, sampler_params, stage_args,
-                     stage_run, write_json)
+from .common import (DATA, decode_batch, device, log_stage, params, project_root, read_json, sampler_params,
+                     stage_args, stage_run, write_json)
 from .prepare import PROMPTS, load_splits
 from .reference import FEATURES as INCEPTION_REFERENCE
 from .sample import OUT as SAMPLES
 from .train_shortcut import METRICS as SHORTCUT_METRICS
+from .train_shortcut import MODEL as SHORTCUT_MODEL
 
 OUT = DATA / "report"
 BATCH = 250
@@ -133,8 +135,8 @@ def evaluate(p, dev, run) -> None:
     note = caption(p, spaces, floors, inception)
     (OUT / "report.md").write_text(markdown_table(rows, p.sampling.steps, quality, note))
     write_json(OUT / "pareto.json", plot_rows(rows, quality))
-    shortcut_ratio = read_json(SHORTCUT_METRICS)["val_mse_ratio_mean"]
-    write_json(OUT / "headline.json", headline(rows, p.sampling.steps, quality, shortcut_ratio))
+    head = headline(rows, p.sampling.steps, quality, read_json(SHORTCUT_METRICS)["val_mse_ratio_mean"])
+    write_json(OUT / "headline.json", head)
     summary["seconds"] = time.perf_counter() - start
     write_json(OUT / "metrics.json", {"summary": summary, **{r["name"]: r for r in rows}})
 
@@ -143,6 +145,7 @@ def evaluate(p, dev, run) -> None:
         log_stage(p, r["name"], params=sampler_params(p, r), metrics=numbers,
                   artifacts=[SAMPLES / r["name"] / "grid.png"])
     run.log_metrics(summary)
+    tag_with_headline(project_root(), registered_name(p.tracking.experiment), SHORTCUT_MODEL, head)
     run.log_artifacts([OUT / "pareto.png", OUT / "report.md", OUT / "metrics.json"])
     print((OUT / "report.md").read_text())
     print(f"evaluate: {len(rows)} configurations, {q} on {scores.rows[0].get(q + '_samples', '')} samples each")

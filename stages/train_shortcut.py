@@ -16,7 +16,7 @@ from migm_shortcut.bases import load_base
 from migm_shortcut.checkpoint import save_checkpoint
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec
 from migm_shortcut.store import PairDataset, TrajectoryStore
-from migm_shortcut.shortcut_model import register_shortcut
+from migm_shortcut.shortcut_model import register_shortcut, registered_name
 from migm_shortcut.train_shortcut import rollout_summary, train_shortcut, validate_rollout, validate_shortcut
 from migm_shortcut.training import TrainingState
 from migm_shortcut.schedules import SamplingRule
@@ -77,7 +77,7 @@ def main(argv=None) -> None:
         curve.run.log(s.steps, metrics)
         curve.run.log_artifacts([OUT / "val_per_step.json", OUT / "rollout.json"])
         # The real project's base, not a `dvc exp run` copy's, which is deleted after the run.
-        register_shortcut(curve.run, f"{p.tracking.experiment}-shortcut", MODEL, base,
+        register_shortcut(curve.run, registered_name(p.tracking.experiment), MODEL, base,
                           project_root() / BASE_MODEL, rule, min(budgets, default=store.steps), metrics)
         state.remove()
     print(f"shortcut: val MSE / reuse MSE {metrics['val_mse_ratio_mean']:.2f} mean, {metrics['val_mse_ratio_last']:.2f} last step, "

@@ -15,7 +15,7 @@ from migm_shortcut.bases import save_base
 from migm_shortcut.checkpoint import save_checkpoint
 from migm_shortcut.sampling import Learned, generate
 from migm_shortcut.schedules import SamplingRule
-from migm_shortcut.shortcut_model import register_shortcut
+from migm_shortcut.shortcut_model import register_shortcut, tag_with_headline
 
 RULE = SamplingRule(steps=6)
 
@@ -67,3 +67,13 @@ def test_a_shortcut_loaded_with_another_base_says_how_to_name_its_own(registry):
     with pytest.raises(ValueError, match="model_config"):
         mlflow.pyfunc.load_model(f"models:/test-shortcut/{registry[1]}",
                                  model_config={"base": str(other)})
+
+
+def test_an_evaluation_tags_the_versions_of_its_checkpoint_with_its_headline(registry):
+    root, version = registry
+    checkpoint = root / "shortcut" / "model.safetensors"
+    assert tag_with_headline(root, "test-shortcut", checkpoint, {"reference_fid": 70.0}) == 1
+    tags = MlflowClient().get_model_version("test-shortcut", version).tags
+    assert tags["headline.reference_fid"] == "70.0"
+    other = save_checkpoint(root / "other" / "model.safetensors", make_shortcut(seed=2).state_dict(), {})
+    assert tag_with_headline(root, "test-shortcut", other, {"reference_fid": 1.0}) == 0
