@@ -35,6 +35,8 @@ PACKAGE = Path(__file__).resolve().parent
 
 
 class ShortcutSampler(mlflow.pyfunc.PythonModel):
+    """Conditions -> samples of the shortcut sampler, on the CPU."""
+
     def load_context(self, context) -> None:
         self.base = load_base(context.model_config["base"])
         try:

@@ -4,6 +4,8 @@ import json
 import shutil
 import sys
 
+import mlflow.pyfunc
+import numpy as np
 import pytest
 import yaml
 from conftest import run
@@ -72,8 +74,17 @@ def test_mlflow_lists_every_configuration_with_budget_latency_and_fid(project):
     assert "model/artifacts/model.safetensors" in artifacts
     version = client.search_model_versions(f"run_id = '{children['shortcut'].info.run_id}'")[0]
     assert float(version.tags["val_mse_ratio_mean"]) == pytest.approx(final_metrics["val_mse_ratio_mean"])
+    headline = json.loads((project / "data/report/headline.json").read_text())
+    assert float(version.tags["headline.reference_fid"]) == pytest.approx(headline["reference_fid"])
     for run_ in (children["shortcut"], children["sample"], children["evaluate"]):  # open while working
         assert run_.info.status == "FINISHED" and run_.info.end_time - run_.info.start_time > 1000
+
+
+def test_the_registered_shortcut_samples_through_mlflow(project, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlruns.db'}")
+    model = mlflow.pyfunc.load_model("models:/migm-shortcut-shortcut/latest")
+    images = model.predict(np.arange(4), params={"decode": True})
+    assert images.shape[0] == 4 and images.dtype == np.uint8
 
 
 def test_corrupt_sample_set_fails_clearly_and_loses_nothing(project):
