@@ -3,6 +3,7 @@ against reuse, one short training per setting, all in one run (BENCHMARKS.md, se
 
     python benchmarks/shortcut_levers.py                     # the store and base in data/ (after make run)
     python benchmarks/shortcut_levers.py --runs '[{"name": "mse"}, {"name": "kl1", "kl_weight": 1.0}]'
+    python benchmarks/shortcut_levers.py --runs '[{"name": "bottleneck2", "bottleneck_ratio": 2}]'
 
 Each setting trains the profile's shortcut from the same seed for `--updates` updates (the lr drops
 at 3/4 of them, EMA decay 0.99 from a quarter of them), on one thread, and prints one JSON line:
@@ -28,6 +29,7 @@ from migm_shortcut.store import PairDataset, TrajectoryStore  # noqa: E402
 from migm_shortcut.train_shortcut import (rollout_summary, train_shortcut, validate_rollout,  # noqa: E402
                                           validate_shortcut)
 
+ARCHITECTURE = ("bottleneck_ratio", "blocks", "heads")  # run keys that change the shortcut's size
 DEFAULT_RUNS = [{"name": "mse"}, {"name": "kl0.1", "kl_weight": 0.1}, {"name": "kl1", "kl_weight": 1.0},
                 {"name": "unroll2", "unroll": 2}]
 
@@ -37,7 +39,7 @@ def main() -> None:
     parser.add_argument("--base", default="data/base/model.safetensors")
     parser.add_argument("--store", help="default: params' extract.store")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--runs", default=json.dumps(DEFAULT_RUNS), help="JSON list of {name, kl_weight, unroll}")
+    parser.add_argument("--runs", default=json.dumps(DEFAULT_RUNS), help="JSON list of {name, kl_weight, unroll, bottleneck_ratio, blocks, heads}")
     parser.add_argument("--updates", type=int, help="default: shortcut.steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -53,7 +55,8 @@ def main() -> None:
     for run in json.loads(args.runs):
         start = time.time()
         torch.manual_seed(s.seed)
-        spec = ShortcutSpec.of(s, base.dim, base.shortcut_variant)
+        sizes = {k: run[k] for k in ARCHITECTURE if k in run}  # e.g. a wider bottleneck
+        spec = ShortcutSpec.of(s.model_copy(update=sizes), base.dim, base.shortcut_variant)
         model = train_shortcut(
             Shortcut(spec), base, PairDataset(url, range(num_train), unroll=run.get("unroll", 1)), steps=updates,
             batch_size=s.batch_size, lr=s.lr, lr_decay_at=updates * 3 // 4, weight_decay=s.weight_decay,
@@ -64,6 +67,7 @@ def main() -> None:
         per_step = validate_shortcut(model, base, val, device=dev)
         rollout = validate_rollout(model, base, store, range(num_train, store.num_samples), rule, budgets, device=dev)
         print(json.dumps({"run": run, "updates": updates, "train_s": round(seconds),
+                          "parameters": sum(t.numel() for t in model.parameters()),
                           "val_mse_ratio_mean": sum(r["mse_ratio"] for r in per_step) / len(per_step),
                           **rollout_summary(rollout)}), flush=True)
 

@@ -1,14 +1,27 @@
 """Checkpoints: weights in safetensors, the config that rebuilds the model in JSON beside them.
 
 `model.safetensors` + `model.json`: the JSON is enough to rebuild the module without importing
-anything pickled, and a reader can see at a glance what a checkpoint holds.
+anything pickled, and a reader can see at a glance what a checkpoint holds. Every model of the
+project (tokenizer, classifier, base, shortcut) is saved with `save_model` and read with `load_model`.
 """
 
+import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
+
+
+def weights_hash(state: dict[str, torch.Tensor]) -> str:
+    """A short hash of the tensors of `state` and their names: a model's identity in its config."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def config_path(path: str | Path) -> Path:
@@ -52,3 +65,20 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], s
     if problems:
         raise ValueError(f"{source}: checkpoint does not fit the model: " + "; ".join(problems))
     module.load_state_dict(state)
+
+
+Model = TypeVar("Model", bound=torch.nn.Module)
+
+
+def save_model(path: str | Path, model: torch.nn.Module, config: dict) -> Path:
+    """`model`'s weights and the `config` that rebuilds it (what `load_model`'s `build` reads)."""
+    return save_checkpoint(path, model.state_dict(), config)
+
+
+def load_model(path: str | Path, build: Callable[[dict], Model]) -> tuple[Model, dict]:
+    """(the module `build` makes from the checkpoint's config, its weights loaded strictly, in eval
+    mode and frozen; the config)."""
+    state, config = load_checkpoint(path)
+    model = build(config)
+    load_state_strict(model, state, str(path))
+    return model.eval().requires_grad_(False), config

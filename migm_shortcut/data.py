@@ -70,6 +70,25 @@ def load_dataset(
     return splits
 
 
+def save_splits(path: str | Path, splits: dict[str, Split]) -> None:
+    """The splits in one .npz, written whole (a temporary name, then renamed)."""
+    path = Path(path)
+    arrays = {f"{k}_{a}": getattr(s, a).numpy() for k, s in splits.items() for a in ("images", "labels")}
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, num_classes=splits["train"].num_classes, **arrays)
+    tmp.replace(path)
+
+
+def load_splits(path: str | Path) -> dict[str, Split]:
+    """{"train", "val", "test"} as `save_splits` wrote them."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} is missing: run the prepare stage first (`dvc repro prepare`)")
+    with np.load(path) as z:
+        num_classes = int(z["num_classes"])
+        return {name: Split(torch.from_numpy(z[f"{name}_images"]), torch.from_numpy(z[f"{name}_labels"]), num_classes)
+                for name in ("train", "val", "test")}
+
+
 def load_official(name: str, root: str | None = None) -> dict[str, Split]:
     """The dataset as published, at its native size: "train" and, where the dataset has one, "test"."""
     if name == "mnist":

@@ -22,11 +22,11 @@ from torch import Tensor
 
 from .data import to_float
 from .images import to_uint8
-from .metrics import (bootstrap_fids, compute_metrics, fid_interval, fid_to_stats, knn_radii, mean_interval,
-                      paired_fid_difference)
+from .metrics import (ClassifierFeatures, bootstrap_fids, compute_metrics, extract_features, fid_interval,
+                      fid_to_stats, knn_radii, mean_interval, paired_fid_difference)
 from .report import Quality
+from .samplers import BASELINES, SHORTCUT, VANILLA
 
-BASELINES = ("reuse", "extrapolate")  # the training-free feature sources a shortcut row is paired with
 
 
 @torch.no_grad()
@@ -141,9 +141,9 @@ def clip_scores(scorer: Callable[[Tensor, list[str]], Tensor], prompts: list[str
 def fastest_slower_vanilla(rows: list[dict], row: dict) -> dict | None:
     """The fastest vanilla configuration that is still slower than `row` (None for vanilla rows or
     when every vanilla configuration is faster): the point `row` must beat on quality to dominate it."""
-    if row["sampler"] == "vanilla":
+    if row["sampler"] == VANILLA:
         return None
-    slower = [r for r in rows if r["sampler"] == "vanilla" and r["latency_ms"] >= row["latency_ms"]]
+    slower = [r for r in rows if r["sampler"] == VANILLA and r["latency_ms"] >= row["latency_ms"]]
     return min(slower, key=lambda r: r["latency_ms"]) if slower else None
 
 
@@ -160,8 +160,9 @@ def add_paired_comparisons(rows: list[dict], scores: Scores, quality: Quality,
     """For each accelerated row, paired differences with their 95% intervals on quality `keys`
     (the headline first): against the fastest vanilla point slower than it (`dominates_slower_vanilla`
     when better beyond the interval on the headline), and for shortcut rows against each
-    training-free baseline at the same (N, B) (`<key>_minus_reuse`, `<key>_minus_extrapolate`)."""
-    by_config = {(r["sampler"], r["steps"], r["budget"]): r for r in rows}
+    training-free baseline at the same (N, B) (`<key>_minus_reuse`, `<key>_minus_extrapolate`), and
+    for a learned placement against the uniform one (`<key>_minus_uniform`)."""
+    by_config = {(r["sampler"], r["steps"], r["budget"], r.get("placement", "uniform")): r for r in rows}
     q = keys[0]
     for row in rows:
         if (other := fastest_slower_vanilla(rows, row)) is not None:
@@ -169,11 +170,43 @@ def add_paired_comparisons(rows: list[dict], scores: Scores, quality: Quality,
                     **_paired(row, f"{q}_minus_slower_vanilla", scores.difference(q, row["name"], other["name"]),
                               quality)}
             row["dominates_slower_vanilla"] = row[f"{q}_minus_slower_vanilla_beyond_ci"]
-        if row["sampler"] != "shortcut":
+        if row["sampler"] != SHORTCUT:
             continue
-        for kind in BASELINES:
-            if (twin := by_config.get((kind, row["steps"], row["budget"]))) is not None:
+        twins = {kind: (kind, row["steps"], row["budget"], "uniform") for kind in BASELINES}
+        if row.get("placement") == "learned":
+            twins = {"uniform": (SHORTCUT, row["steps"], row["budget"], "uniform")}
+        for kind, config in twins.items():
+            if (twin := by_config.get(config)) is not None:
                 for key in keys:
                     row |= _paired(row, f"{key}_minus_{kind}", scores.difference(key, row["name"], twin["name"]),
                                    quality)
     return rows
+
+
+def domain_space(classifier: torch.nn.Module, real_images: Tensor, dev, *, headline: bool,
+                 batch_size: int = 250) -> FeatureSpace:
+    """The domain classifier's feature space over uint8 `real_images`, with every metric: the
+    headline `fid` without Inception, else the second view `domain_fid`."""
+    domain = ClassifierFeatures(classifier)
+    reference = extract_features(lambda x: domain(to_float(x)), real_images, batch_size=batch_size, device=dev)
+    return FeatureSpace("fid" if headline else "domain_fid", domain, reference, all_metrics=True)
+
+
+def metric_caption(spaces: list[FeatureSpace], floors: dict[str, float], inception: bool,
+                   clip_model: str | None = None) -> str:
+    """The report's note on which metric each claim rests on, and why; `clip_model`: text to image."""
+    if clip_model:
+        return f"CLIPScore ({clip_model}) of each image against its prompt; every claim rests on it."
+    head = spaces[0]
+    if inception:
+        text = (f"Headline: FID on Inception-v3 pool features (the paper's protocol) against {len(head.reference)} "
+                "reference images; every claim (speedup at equal quality, domination of a slower vanilla point, "
+                "shortcut against reuse and extrapolation at the same N and B) rests on it.")
+    else:
+        text = f"FID on the domain classifier's features against {len(head.reference)} reference images."
+    if len(spaces) > 1:
+        text += (f" Domain FID: the domain classifier's features, all samples against {len(spaces[1].reference)}"
+                 " images, a second view: trained to tell classes apart, they rank samplers by class-typical shape"
+                 " and are close to blind to the local defects that stale features cause.")
+    return text + " Noise floors (FID between two halves of the reference): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in floors.items()) + "."

@@ -5,6 +5,7 @@ quality-latency plot with one `quality` field whatever the profile scores (FID o
 from .hardware import check_same_hardware
 from .pick import PickError, best_at_speedup, fastest_within_loss, reference_row
 from .report import Quality
+from .samplers import SHORTCUT
 
 MAX_LOSS = 0.05  # "the fastest configuration within 5% of the reference's quality"
 MIN_SPEEDUP = 2.0  # "the best quality at 2x or faster"
@@ -17,7 +18,7 @@ def headline(rows: list[dict], reference_steps: int, quality: Quality,
     `shortcut_val_mse_ratio`: the shortcut's validation MSE over reuse's, mean over the steps."""
     check_same_hardware(rows)
     q, ref = quality.key, reference_row(rows, reference_steps)
-    shortcut = [r for r in rows if r["sampler"] == "shortcut"]
+    shortcut = [r for r in rows if r["sampler"] == SHORTCUT]
     out = {f"reference_{q}": ref[q], "reference_latency_ms": ref["latency_ms"],
            "shortcut_val_mse_ratio": shortcut_val_mse_ratio,
            "max_shortcut_speedup": max((r["speedup_vs_reference"] for r in shortcut), default=0.0),

@@ -12,6 +12,19 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+def grid_samples(labels: torch.Tensor, classes: int = 10, per_class: int = 10) -> torch.Tensor:
+    """Indices of the samples a grid shows: up to `per_class` of each of the first `classes` classes."""
+    return torch.cat([torch.nonzero(labels == c)[:per_class, 0] for c in range(classes)])
+
+
+def grid_images(images: torch.Tensor, largest: int = 128) -> torch.Tensor:
+    """Decoded images in [0, 1] -> uint8, shrunk (area) to at most `largest` pixels a side: a grid
+    stays a glance."""
+    if images.shape[-1] > largest:
+        images = torch.nn.functional.interpolate(images.float(), size=(largest, largest), mode="area")
+    return to_uint8(images).cpu()
+
+
 def save_grid(images: torch.Tensor, labels: torch.Tensor, path: str | Path, per_class: int = 10, scale: int = 2) -> Path:
     """uint8 images [n, C, H, W] -> PNG with row c holding the first `per_class` samples of class c."""
     images, labels = images.cpu(), labels.cpu()

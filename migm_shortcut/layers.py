@@ -1,9 +1,11 @@
-"""What the models share, so that no model imports another: the rotary embedding of LLaDA (the
-DiMOO base and the DiMOO shortcut variant) and the context a rotary base hands its shortcut."""
+"""What the models share, so that no model imports another: multi-head attention (every base and
+the shortcut), the rotary embedding of LLaDA (the DiMOO base and the DiMOO shortcut variant) and
+the context a rotary base hands its shortcut."""
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -34,3 +36,22 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tens
     angles = torch.cat([angles, angles], -1)
     x1, x2 = x.float().chunk(2, dim=-1)
     return (x.float() * angles.cos() + torch.cat([-x2, x1], -1) * angles.sin()).to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None,
+              rope: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+    """Multi-head scaled dot-product attention of projected queries q [B, S, D] over keys and values
+    k, v [B, T, D'] -> [B, S, D], before the output projection. D' = D, or fewer heads of the same
+    width that groups of query heads share (LLaDA's grouped-query attention). mask: boolean, True
+    where a query may attend [B or 1, 1 or heads, S or 1, T]; rope: (query positions [B, S], key
+    positions [B, T], theta) for rotary attention."""
+    B, S, D = q.shape
+    width = D // heads
+    q = q.view(B, S, heads, width).transpose(1, 2)
+    k, v = (t.view(B, t.shape[1], -1, width).transpose(1, 2) for t in (k, v))
+    if rope is not None:
+        q, k = rotate(q, rope[0], rope[2]), rotate(k, rope[1], rope[2])
+    if k.shape[1] != heads:
+        k, v = k.repeat_interleave(heads // k.shape[1], dim=1), v.repeat_interleave(heads // v.shape[1], dim=1)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return y.transpose(1, 2).reshape(B, S, D)

@@ -1,5 +1,5 @@
 """Evaluation metrics (SPEC section 7): feature extractors, FID / KID / IS / precision-recall,
-a bootstrap interval of FID, and device-synchronised latency.
+a bootstrap interval of FID, and CLIPScore (latency: `latency.py`).
 
 All metrics run on precomputed features, so one extraction pass serves every metric and every
 bootstrap resample. FID is computed in float64. Results depend only on the inputs and `seed`.
@@ -8,10 +8,10 @@ bootstrap resample. FID is computed in float64. Results depend only on the input
 from __future__ import annotations
 
 import importlib.metadata
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +63,18 @@ class InceptionFeatures(nn.Module):
     num_features = 2048
     cpu_batch = 8  # images per call on a CPU: 1.8x the throughput of 250 (BENCHMARKS.md, section 3)
 
-    def __init__(self, path: Path | None = None, device: str | torch.device = "cpu") -> None:
+    def __init__(self, path: Path | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         device = torch.device(device)
         with warnings.catch_warnings():  # "jit.load is deprecated": the file is TorchScript
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             net = torch.jit.load(str(path or inception_weights_path()), map_location=device).eval()
+        # bfloat16 weights and activations: twice the throughput where the CPU has AMX / AVX512-BF16
+        # or on a GPU; features within about 2% of float32's (BENCHMARKS.md, section 3). Reference
+        # and samples must go through the same precision: both stages read evaluate.inception_dtype.
+        self.dtype = dtype
+        net = net.to(dtype)
         self.cpu = device.type == "cpu"
         # On a CPU: frozen, batch norms folded into the convolutions, oneDNN layouts, channels-last
         # input; the same features to float rounding, 1.16x as fast (BENCHMARKS.md, section 3).
@@ -84,8 +90,8 @@ class InceptionFeatures(nn.Module):
         x = _tf_bilinear((x * 255).round(), 299)
         # The file's graph has no input normalisation; fid-helper maps [0, 255] to
         # [-1, 0.9921875], i.e. x / 128 - 1 (the TF Inception convention).
-        x = x / 128 - 1
-        return self.net(x.contiguous(memory_format=torch.channels_last) if self.cpu else x)
+        x = (x / 128 - 1).to(self.dtype)
+        return self.net(x.contiguous(memory_format=torch.channels_last) if self.cpu else x).float()
 
 
 class ClassifierFeatures(nn.Module):
@@ -227,22 +233,59 @@ def fid_to_stats(fake: Tensor, mu: np.ndarray, sigma: np.ndarray) -> float:
                                    sigma_r.trace()))
 
 
-def bootstrap_fids(real: Tensor, fake: Tensor, *, resamples: int, seed: int = 0) -> tuple[float, np.ndarray]:
+@dataclass(frozen=True)
+class ReferenceStats:
+    """What FID needs of the real features, in float64: computed once per reference, not per set
+    (the 2048 x 2048 eigendecomposition is the costly part)."""
+
+    mean: Tensor
+    sigma_sqrt: Tensor  # sigma^(1/2)
+    trace: Tensor  # tr sigma
+
+    @classmethod
+    def of(cls, real: Tensor) -> "ReferenceStats":
+        sigma = torch.cov(real.double().T)
+        return cls(real.double().mean(0), _psd_sqrt(sigma), sigma.trace())
+
+
+def _resampled_fids(x: Tensor, y: Tensor, ref: ReferenceStats, idx: Tensor, chunk: int = 25) -> Tensor:
+    """FID of every row-resample idx [R, n] of x [n, d], n < d, with y = x sigma_r^(1/2).
+
+    Every term comes from n x n Gram matrices gathered per resample, O(n^2) instead of O(n^2 d):
+    the mean's distance and the trace of the covariance from x x^T, tr sqrt(...) as the square
+    roots of the eigenvalues of the centred y y^T (the nonzero eigenvalues of B^T B)."""
+    n = x.shape[0]
+    gram_x, gram_y, x_mu = x @ x.T, y @ y.T, x @ ref.mean
+    out = []
+    for part in idx.split(chunk):
+        pairs = (part[:, :, None], part[:, None, :])
+        kx, ky = gram_x[pairs], gram_y[pairs]  # [r, n, n]
+        mean_sq = kx.mean((1, 2))  # |mean of the rows|^2
+        distance = mean_sq - 2 * x_mu[part].mean(1) + ref.mean.square().sum()
+        trace_x = (kx.diagonal(dim1=1, dim2=2).sum(1) - n * mean_sq) / (n - 1)
+        row = ky.mean(2, keepdim=True)
+        ky = (ky - row - row.transpose(1, 2) + ky.mean((1, 2), keepdim=True)) / (n - 1)
+        trace_sqrt = torch.linalg.eigvalsh(ky).clamp(min=0).sqrt().sum(1)
+        out.append(distance + ref.trace + trace_x - 2 * trace_sqrt)
+    return torch.cat(out)
+
+
+def bootstrap_fids(real: Tensor | ReferenceStats, fake: Tensor, *, resamples: int,
+                   seed: int = 0) -> tuple[float, np.ndarray]:
     """FID of `fake` and of `resamples` resamplings of its rows; the same seed and row count draw
-    the same row indices, which pairs the resamples of two sets whose row i belong together."""
-    real = real.double()
-    fake = fake.double().to(real.device)
-    sigma_r = torch.cov(real.T)
-    fake_sqrt_r = fake @ _psd_sqrt(sigma_r)
-    mu_r, trace_r = real.mean(0), sigma_r.trace()
-    point = float(_fid_to_reference(fake, fake_sqrt_r, mu_r, trace_r))
+    the same row indices, which pairs the resamples of two sets whose row i belong together.
+    `real`: the real features, or their `ReferenceStats` when many sets meet one reference."""
+    ref = real if isinstance(real, ReferenceStats) else ReferenceStats.of(real)
+    fake = fake.double().to(ref.mean.device)
+    fake_sqrt_r = fake @ ref.sigma_sqrt
+    point = float(_fid_to_reference(fake, fake_sqrt_r, ref.mean, ref.trace))
     gen = torch.Generator().manual_seed(seed)
-    n = len(fake)
-    values = []
-    for _ in range(resamples):
-        idx = torch.randint(n, (n,), generator=gen).to(fake.device)
-        values.append(float(_fid_to_reference(fake[idx], fake_sqrt_r[idx], mu_r, trace_r)))
-    return point, np.array(values)
+    n, d = fake.shape
+    idx = torch.stack([torch.randint(n, (n,), generator=gen) for _ in range(resamples)]).to(fake.device)
+    if n < d:
+        return point, _resampled_fids(fake, fake_sqrt_r, ref, idx).cpu().numpy()
+    # d <= n: the d x d eigenproblem of _fid_to_reference is the cheaper one
+    return point, np.array([float(_fid_to_reference(fake[i], fake_sqrt_r[i], ref.mean, ref.trace)) for i in idx])
 
 
 def paired_fid_difference(a: tuple[float, np.ndarray], b: tuple[float, np.ndarray]) -> dict[str, float]:
@@ -323,43 +366,6 @@ def noise_floor(real_feats: Tensor, seed: int = 0) -> float:
     perm = torch.randperm(len(real_feats), generator=torch.Generator().manual_seed(seed))
     half = len(real_feats) // 2
     return fid(real_feats[perm[:half]], real_feats[perm[half : 2 * half]])
-
-
-# ----------------------------------------------------------------------------- latency
-
-
-def measure_latency(
-    fn: Callable[[], object], *, warmup: int, repeats: int, batch_size: int, device: str | torch.device
-) -> dict[str, float]:
-    """Milliseconds per image of `fn()`, which processes one batch of `batch_size` images.
-
-    `warmup` calls are run and discarded (allocation, autotuning, lazy init). On CUDA the device
-    is synchronised before and after each timed call, so queued kernels are neither charged to
-    the next call nor missed. Keys: median_ms_per_image, p10, p90, std (all ms/image), repeats.
-    """
-    device = torch.device(device)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3 / batch_size)
-    t = np.array(times)
-    return {
-        "median_ms_per_image": float(np.median(t)),
-        "p10": float(np.percentile(t, 10)),
-        "p90": float(np.percentile(t, 90)),
-        "std": float(t.std(ddof=1)) if repeats > 1 else 0.0,
-        "repeats": repeats,
-    }
 
 
 class ClipScore:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import SamplerSetting, parse_params
 from .report import CLIP_SCORE, FID, Quality
+from .samplers import SHORTCUT, VANILLA
 
 
 class PickError(ValueError):
@@ -44,7 +45,7 @@ def rows_quality(rows: list[dict]) -> Quality:
 
 def reference_row(rows: list[dict], reference_steps: int) -> dict:
     for r in rows:
-        if r["sampler"] == "vanilla" and r["steps"] == reference_steps:
+        if r["sampler"] == VANILLA and r["steps"] == reference_steps:
             return r
     raise PickError(f"the evaluated grid has no vanilla-N{reference_steps}, the reference (sampling.steps)")
 
@@ -91,12 +92,14 @@ def describe(row: dict, reference: dict, quality: Quality) -> str:
 def narrowed_grid(row: dict, reference_steps: int) -> dict:
     """The `sample` keys that make a later run sample just the choice and the reference vanilla
     (which every speedup is measured against), e.g. to confirm it on more samples."""
-    setting = SamplerSetting(sampler=row["sampler"], steps=row["steps"], budget=row["budget"])
-    if setting.sampler == "vanilla":
+    setting = SamplerSetting(sampler=row["sampler"], steps=row["steps"], budget=row["budget"],
+                             placement=row.get("placement", "uniform"))
+    if setting.sampler == VANILLA:
         return {"vanilla_steps": sorted({reference_steps, setting.steps}), "shortcut": [], "baselines": [],
                 "baseline_steps": []}
-    baselines = [] if setting.sampler == "shortcut" else [setting.sampler]
-    return {"vanilla_steps": [reference_steps], "shortcut": [{"steps": setting.steps, "budgets": [setting.budget]}],
+    baselines = [] if setting.sampler == SHORTCUT else [setting.sampler]
+    return {"vanilla_steps": [reference_steps], "shortcut": [{"steps": setting.steps, "budgets": [setting.budget],
+                                                              "placement": setting.placement}],
             "baselines": baselines, "baseline_steps": [setting.steps] if baselines else []}
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .samplers import EXTRAPOLATE, REUSE, SHORTCUT, VANILLA
+
 
 @dataclass(frozen=True)
 class Quality:
@@ -25,15 +27,26 @@ class Quality:
 FID = Quality("fid", "FID", higher_is_better=False)
 CLIP_SCORE = Quality("clip_score", "CLIPScore", higher_is_better=True)
 
-SAMPLER_STYLE = {"vanilla": ("tab:blue", "o"), "shortcut": ("tab:red", "s"), "reuse": ("tab:gray", "^"),
-                 "extrapolate": ("tab:green", "v")}  # fmt: skip
+SAMPLER_STYLE = {VANILLA: ("tab:blue", "o"), SHORTCUT: ("tab:red", "s"), REUSE: ("tab:gray", "^"),
+                 EXTRAPOLATE: ("tab:green", "v"), f"{SHORTCUT}-learned": ("tab:purple", "D")}  # fmt: skip
+
+
+def method(r: dict) -> str:
+    """The row's sampler, told apart by its refresh placement when that is learned."""
+    return f"{r['sampler']}-learned" if r.get("placement") == "learned" else r["sampler"]
+
+
+def configuration(r: dict) -> str:
+    """N and B, and a learned placement's refresh steps."""
+    text = f"{r['steps']} steps" + ("" if r["sampler"] == VANILLA else f", B={r['budget']}")
+    return text + (f", refreshes {r['refresh_steps']}" if r.get("placement") == "learned" else "")
 
 
 def add_comparisons(rows: list[dict], reference_steps: int, quality: Quality = FID) -> list[dict]:
     """Speedups (vs vanilla at the same N, vs the reference vanilla N) and, for accelerated samplers,
     vanilla's quality interpolated at the same latency ("matched latency")."""
     q = quality.key
-    vanilla = sorted((r for r in rows if r["sampler"] == "vanilla"), key=lambda r: r["latency_ms"])
+    vanilla = sorted((r for r in rows if r["sampler"] == VANILLA), key=lambda r: r["latency_ms"])
     by_steps = {r["steps"]: r for r in vanilla}
     reference = by_steps[reference_steps]
     lat = np.array([r["latency_ms"] for r in vanilla])
@@ -45,7 +58,7 @@ def add_comparisons(rows: list[dict], reference_steps: int, quality: Quality = F
         r[f"matched_vanilla_{q}"] = None
         r[f"{q}_gain_at_matched_latency"] = None
         r["beats_vanilla_beyond_uncertainty"] = None
-        if r["sampler"] != "vanilla" and len(vanilla) > 1 and lat[0] <= r["latency_ms"] <= lat[-1]:
+        if r["sampler"] != VANILLA and len(vanilla) > 1 and lat[0] <= r["latency_ms"] <= lat[-1]:
             keys = [k for k in (q, f"{q}_ci_low", f"{q}_ci_high") if k in r]
             interp = {k: float(np.interp(r["latency_ms"], lat, [v[k] for v in vanilla])) for k in keys}
             r[f"matched_vanilla_{q}"] = interp[q]
@@ -81,8 +94,8 @@ def markdown_table(rows: list[dict], reference_steps: int, quality: Quality = FI
     computes them); `note` ends the caption."""
     q, label = quality.key, quality.label
     columns = {  # header -> cell of row r
-        "Method": lambda r: r["sampler"],
-        "Configuration": lambda r: f"{r['steps']} steps" + ("" if r["sampler"] == "vanilla" else f", B={r['budget']}"),
+        "Method": method,
+        "Configuration": configuration,
         "Latency (ms/img)": lambda r: f"{r['latency_ms']:.2f}",
         f"Speedup vs N={reference_steps}": lambda r: f"{r['speedup_vs_reference']:.2f}x",
         "Speedup vs same N": lambda r: _fmt(r["speedup_vs_same_steps"], ".2f") + ("x" if r["speedup_vs_same_steps"] else ""),
@@ -91,6 +104,7 @@ def markdown_table(rows: list[dict], reference_steps: int, quality: Quality = FI
             lambda r: _paired(r, f"{q}_minus_slower_vanilla", f" vs {r.get('faster_than')}"),
         f"{label} minus reuse (paired)": lambda r: _paired(r, f"{q}_minus_reuse"),
         f"{label} minus extrapolate (paired)": lambda r: _paired(r, f"{q}_minus_extrapolate"),
+        f"{label} learned minus uniform placement (paired)": lambda r: _paired(r, f"{q}_minus_uniform"),
         f"Vanilla {label} at same latency": lambda r: _fmt(r[f"matched_vanilla_{q}"], ".2f"),
         "FID vs dataset stats": lambda r: _fmt(r.get("fid_dataset_stats"), ".2f"),
         "Domain FID (95% CI)": lambda r: _interval(r, "domain_fid"),
@@ -101,10 +115,11 @@ def markdown_table(rows: list[dict], reference_steps: int, quality: Quality = FI
     needs = {"FID vs dataset stats": "fid_dataset_stats", "KID": "kid_mean", "Class acc. (worst class)": "class_accuracy",
              "Domain FID (95% CI)": "domain_fid", "Domain FID minus reuse (paired)": "domain_fid_minus_reuse",
              f"{label} minus reuse (paired)": f"{q}_minus_reuse",
-             f"{label} minus extrapolate (paired)": f"{q}_minus_extrapolate"}
+             f"{label} minus extrapolate (paired)": f"{q}_minus_extrapolate",
+             f"{label} learned minus uniform placement (paired)": f"{q}_minus_uniform"}
     columns = {h: cell for h, cell in columns.items() if h not in needs or any(needs[h] in r for r in rows)}
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
-    for r in sorted(rows, key=lambda r: (r["sampler"] != "vanilla", r["sampler"], r["steps"], r["budget"])):
+    for r in sorted(rows, key=lambda r: (r["sampler"] != VANILLA, method(r), r["steps"], r["budget"])):
         lines.append("| " + " | ".join(cell(r) for cell in columns.values()) + " |")
     n = rows[0]["num_samples"]
     scored = sorted({r.get(f"{q}_samples", n) for r in rows} - {n})
@@ -122,11 +137,11 @@ def pareto_plot(rows: list[dict], path: Path, title: str, quality: Quality = FID
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["sampler"], 0 if r["sampler"] == "vanilla" else r["steps"]), []).append(r)
+        groups.setdefault((method(r), 0 if r["sampler"] == VANILLA else r["steps"]), []).append(r)
     for (sampler, steps), group in sorted(groups.items()):
         group.sort(key=lambda r: r["latency_ms"])
         color, marker = SAMPLER_STYLE[sampler]
-        label = "Vanilla" if sampler == "vanilla" else f"{sampler.capitalize()} (N={steps})"
+        label = "Vanilla" if sampler == VANILLA else f"{sampler.capitalize()} (N={steps})"
         x, y = [r["latency_ms"] for r in group], [r[q] for r in group]
         # One colour per sampler; its curves at different N differ by line style.
         style = ["-", "--", ":", "-."][sorted(n for k, n in groups if k == sampler).index(steps) % 4]
@@ -135,7 +150,7 @@ def pareto_plot(rows: list[dict], path: Path, title: str, quality: Quality = FID
             ax.errorbar(x, y, yerr=[[r[q] - r[f"{q}_ci_low"] for r in group], [r[f"{q}_ci_high"] - r[q] for r in group]],
                         fmt="none", ecolor=color, alpha=0.4, capsize=2)
         for r in group:
-            ax.annotate(f"{r['steps']}" if sampler == "vanilla" else f"B={r['budget']}", (r["latency_ms"], r[q]),
+            ax.annotate(f"{r['steps']}" if sampler == VANILLA else f"B={r['budget']}", (r["latency_ms"], r[q]),
                         textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
     ax.set_xlabel("latency (ms per image)")
     ax.set_ylabel(f"{quality.label} ({'higher' if quality.higher_is_better else 'lower'} is better)")

@@ -19,6 +19,7 @@ import torch
 
 from .bases.contract import MaskedBase
 from .noise import sample_keys, uniforms
+from .samplers import EXTRAPOLATE, REUSE, SHORTCUT, VANILLA
 from .schedules import REVEAL, SamplingRule, cfg_weight, noise_scale, refresh_steps
 
 
@@ -44,7 +45,7 @@ class StepState:
 class FeatureSource:
     """Predicts the feature at shortcut steps. Subclasses override `predict`; `observe` sees full steps."""
 
-    name = "base"
+    name = VANILLA
 
     def observe(self, step: int, feature: torch.Tensor) -> None:
         pass
@@ -56,7 +57,7 @@ class FeatureSource:
 class Reuse(FeatureSource):
     """Training-free baseline: keep the last feature unchanged (the shortcut with zero update)."""
 
-    name = "reuse"
+    name = REUSE
 
     def predict(self, state: StepState) -> torch.Tensor:
         return state.prev_feature
@@ -66,7 +67,7 @@ class Extrapolate(FeatureSource):
     """Training-free baseline (TaylorSeer-style, first order): continue the finite difference of the
     last two full-step features, scaled by the step gap; reuse until two full steps exist."""
 
-    name = "extrapolate"
+    name = EXTRAPOLATE
 
     def __init__(self):
         self.history: list[tuple[int, torch.Tensor]] = []
@@ -87,7 +88,7 @@ class Learned(FeatureSource):
     It sees only the tokens committed at the previous step, gathered (no mask over all L), and the
     base's context for the run's conditions is made once, not at every step."""
 
-    name = "shortcut"
+    name = SHORTCUT
 
     def __init__(self, shortcut: torch.nn.Module, base: MaskedBase):
         self.shortcut, self.base = shortcut, base
@@ -105,6 +106,14 @@ class Learned(FeatureSource):
         f = self.shortcut(state.prev_feature, new_embed, None, state.mask_ratio,
                           context=self._context_for(state.cond), new_positions=state.new_positions)
         return f.to(state.prev_feature.dtype)
+
+
+def feature_source(sampler: str, base: MaskedBase, shortcut: torch.nn.Module | None = None) -> FeatureSource:
+    """A fresh feature source of `sampler` (one of `samplers.SAMPLERS`; the shortcut's needs
+    `shortcut`): fresh for every run, since some keep state across its steps (extrapolation)."""
+    if sampler == SHORTCUT:
+        return Learned(shortcut, base)
+    return {VANILLA: FeatureSource, REUSE: Reuse, EXTRAPOLATE: Extrapolate}[sampler]()
 
 
 @dataclass
@@ -170,9 +179,10 @@ def commit_step(base: MaskedBase, rule: SamplingRule, f: torch.Tensor, masked: t
 
 @torch.no_grad()
 def generate(base: MaskedBase, rule: SamplingRule, cond: torch.Tensor, sample_ids: list[int], seed: int, *,
-             budget: int | None = None, source: FeatureSource | None = None, record: bool = False,
-             autocast_dtype: torch.dtype | None = None) -> SampleOutput:
-    """Sample images as token grids. `budget` = B full steps of the N = `rule.steps` (None: all).
+             budget: int | None = None, refresh: list[int] | None = None, source: FeatureSource | None = None,
+             record: bool = False, autocast_dtype: torch.dtype | None = None) -> SampleOutput:
+    """Sample images as token grids. `budget` = B full steps of the N = `rule.steps` (None: all),
+    on the uniform grid; or `refresh`: the full steps themselves (a learned placement, step 0 first).
 
     Every step works only on the positions still masked: all samples of a batch have the same
     number of them at every step (the schedule fixes it), so they are a dense [B, M] index, and
@@ -181,7 +191,9 @@ def generate(base: MaskedBase, rule: SamplingRule, cond: torch.Tensor, sample_id
     """
     N, L = rule.steps, base.num_tokens
     B, dev = len(cond), cond.device
-    full = set(refresh_steps(N, budget or N))
+    if refresh is not None and (budget is not None or 0 not in refresh):
+        raise ValueError(f"refresh={refresh}: give either budget or refresh steps, and step 0 among them")
+    full = set(refresh_steps(N, budget or N) if refresh is None else refresh)
     source = source or FeatureSource()
     reveal = REVEAL[rule.schedule](N, L)
     keys = sample_keys(seed, torch.as_tensor(sample_ids, device=dev))

@@ -2,7 +2,8 @@
 
 - `reveal_counts`: how many tokens the MaskGIT arccos schedule commits at each step;
   `cosine_reveal_counts`: the same for Lumina-DiMOO's cosine schedule (`REVEAL` names both).
-- `refresh_steps`: which steps of an N-step run call the base model (the refresh budget B).
+- `refresh_steps`: which steps of an N-step run call the base model (the refresh budget B);
+  `learned_refresh_steps`: the B steps that minimise a measured error instead (`placement_error`).
 - `cfg_weight`, `noise_scale`: the per-step ramps of the sampling rule, `SamplingRule` the rule.
 """
 
@@ -61,6 +62,43 @@ def refresh_steps(steps: int, budget: int) -> list[int]:
     for k in range(1, budget):
         full.append(max(full[-1] + 1, round(steps * k / budget)))
     return full
+
+
+def placement_error(error, full: list[int]) -> float:
+    """The summed error of refreshing at steps `full`: error[s][t] is the error at step t when the
+    last refresh was at step s (t > s); refresh steps themselves cost nothing."""
+    last, total = 0, 0.0
+    for t in range(len(error)):
+        if t in full:
+            last = t
+        else:
+            total += error[last][t]
+    return total
+
+
+def learned_refresh_steps(error, budget: int) -> list[int]:
+    """The B refresh steps of an N-step run (N = len(error), step 0 always one) that minimise
+    `placement_error`, by dynamic programming over the position of each refresh (exact).
+
+    Equal sums go to the placement closest to `refresh_steps` (summed distance of the k-th refresh
+    from the uniform grid's k-th): with a constant error per step every placement costs the same,
+    and the uniform one is returned."""
+    steps = len(error)
+    uniform = refresh_steps(steps, budget)
+    # segment[s][e]: the error of shortcut steps s+1..e-1 after a refresh at s, the next one at e.
+    segment = []
+    for s in range(steps):
+        sums = [0.0] * (steps + 1)
+        for e in range(s + 2, steps + 1):
+            sums[e] = sums[e - 1] + error[s][e - 1]
+        segment.append(sums)
+    # best[j]: (error, distance from uniform, steps) of the best placement of refreshes 0..k, the k-th at j.
+    best = {0: (0.0, 0, [0])}
+    for k in range(1, budget):
+        best = {j: min((e + segment[i][j], d + abs(j - uniform[k]), full + [j])
+                       for i, (e, d, full) in best.items() if i < j)
+                for j in range(k, steps - budget + k + 1)}
+    return min((e + segment[j][steps], d, full) for j, (e, d, full) in best.items())[2]
 
 
 def cfg_weight(scale: float, step: int, steps: int) -> float:

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_checkpoint, load_state_strict
-from .layers import ShortcutContext, rotate
+from .checkpoint import load_model
+from .layers import ShortcutContext, attention
 
 
 @dataclass(frozen=True)
@@ -66,14 +66,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
         """rope: (query positions [B, S], key positions [B, T], theta) for rotary attention."""
-        B, S, D = x.shape
-        h = self.heads
-        q = self.q(x).view(B, S, h, D // h).transpose(1, 2)
-        k, v = self.kv(context).view(B, -1, 2, h, D // h).permute(2, 0, 3, 1, 4)
-        if rope is not None:
-            q, k = rotate(q, rope[0], rope[2]), rotate(k, rope[1], rope[2])
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+        k, v = self.kv(context).chunk(2, dim=-1)
+        return self.proj(attention(self.q(x), k, v, self.heads, mask, rope))
 
 
 def ffn(dim: int) -> nn.Module:
@@ -192,13 +186,9 @@ class Shortcut(nn.Module):
         return f + self.up(x)
 
 
-def load_shortcut(path: str | Path, base_id: str | None = None) -> Shortcut:
-    """The trained shortcut saved at `path`, frozen; with `base_id`, refuse one trained on another
-    base's features."""
-    state, config = load_checkpoint(path)
-    if base_id is not None and config["base_id"] != base_id:
-        raise ValueError(f"{path} was trained on base {config['base_id']}, not {base_id}: "
-                         "rerun train_shortcut")
-    model = Shortcut(ShortcutSpec(**config["spec"]))
-    load_state_strict(model, state, str(path))
-    return model.eval().requires_grad_(False)
+def load_shortcut(path: str | Path, base_id: str) -> Shortcut:
+    """The trained shortcut of `path`; refused when it was trained on another base's features."""
+    model, config = load_model(path, lambda c: Shortcut(ShortcutSpec(**c["spec"])))
+    if config["base_id"] != base_id:
+        raise ValueError(f"{path} was trained on base {config['base_id']}, not {base_id}: rerun train_shortcut")
+    return model

@@ -217,3 +217,10 @@ def encode_dataset(model: VQTokenizer, images: torch.Tensor, batch_size: int = 1
     codes = torch.cat([model.encode(to_float(chunk)) for chunk in images.split(batch_size)])
     model.train(was_training)
     return codes
+
+
+def tokenizer_config(tokenizer, image_size: int, channels: int) -> dict:
+    """The VQTokenizer arguments (its checkpoint's "model") of params.yaml's `tokenizer` section."""
+    t = tokenizer
+    return dict(codebook_size=t.codebook_size, code_dim=t.code_dim, hidden=t.hidden, channels=channels,
+                ema_decay=t.ema_decay, image_size=image_size)

@@ -12,7 +12,9 @@ from tqdm import tqdm
 
 from . import distributed
 from .bases.contract import MaskedBase
-from .sampling import Extrapolate, Reuse, StepState, guided_logits
+from .placement import placements
+from .samplers import BASELINES, EXTRAPOLATE, REUSE, SHORTCUT
+from .sampling import StepState, feature_source, generate, guided_logits, sampling_autocast
 from .schedules import SamplingRule, refresh_steps
 from .shortcut import Shortcut
 from .store import PairDataset, TrajectoryBatchSampler, TrajectoryStore, pair_masks
@@ -198,7 +200,47 @@ def validate_shortcut(shortcut: Shortcut, base: MaskedBase, val_set: PairDataset
     ]  # fmt: skip
 
 
-ROLLOUT_SOURCES = ("shortcut", "reuse", "extrapolate")
+ROLLOUT_SOURCES = (SHORTCUT, *BASELINES)
+
+
+def stored_trajectories(store: TrajectoryStore, indices: range, base: MaskedBase, device: torch.device,
+                        batch_size: int = 50):
+    """Batches (true features [2n, N, S, D], tokens [2n, L], order [2n, L], conditions [2n, ...])
+    of stored trajectories, in the sampler's layout: cond rows, then their uncond rows."""
+    for start in range(0, len(indices), batch_size):
+        reads = [store.read(i) for i in indices[start : start + batch_size]]
+        true = torch.from_numpy(np.stack([r["features"] for r in reads])).float().to(device)  # [n, 2, N, S, D]
+        tokens, order = (torch.from_numpy(np.stack([r[k] for r in reads])).long().to(device) for k in ("tokens", "order"))
+        labels = torch.as_tensor(np.stack([r["labels"] for r in reads])).long().to(device)
+        yield _sampler_layout(base, true, tokens, order, labels)
+
+
+def sampled_trajectories(base: MaskedBase, rule: SamplingRule, labels: torch.Tensor, ids: range, seed: int,
+                         device: torch.device, batch_size: int = 50):
+    """`stored_trajectories`' batches for trajectories the vanilla sampler records now, at
+    `rule.steps` (an N the store does not hold): sample ids[i] for condition labels[i], as
+    extraction makes them (at the store's N and seed, the stored ones)."""
+    for start in range(0, len(labels), batch_size):
+        cond = labels[start : start + batch_size].to(device)
+        out = generate(base, rule, cond, list(ids[start : start + len(cond)]), seed, record=True,
+                       autocast_dtype=sampling_autocast(device))
+        yield _sampler_layout(base, out.features.to(device), out.tokens, out.order, cond)
+
+
+def _sampler_layout(base: MaskedBase, true, tokens, order, labels):
+    return (torch.cat(true.unbind(1)), tokens.repeat(2, 1), order.repeat(2, 1),
+            torch.cat([labels, base.uncond(labels)]))
+
+
+def _error_sums(base: MaskedBase, rule: SamplingRule, step: int, pred, true, target, mask) -> torch.Tensor:
+    """[squared error sum, loss positions, KL sum, image positions] of the predicted feature at
+    `step` against the true one: MSE on the loss positions (both branches), and the KL of the guided
+    token distribution, true (`target`: the true feature's guided logits) || predicted, on image
+    positions still masked."""
+    kl = distillation_kl(target, guided_logits(base.head(pred), rule, step))
+    positions = mask.chunk(2)[0][:, base.image_positions]
+    return torch.stack([x.double() for x in ((squared_error(pred, true) * mask).sum(), mask.sum(),
+                                              (kl * positions).sum(), positions.sum())]).cpu()
 
 
 @torch.no_grad()
@@ -209,21 +251,13 @@ def validate_rollout(shortcut: Shortcut, base: MaskedBase, store: TrajectoryStor
     From each refresh step's true feature (`refresh_steps(N, B)`), every source chains over the
     following shortcut steps with the true committed tokens: the shortcut, "reuse" (keeps the
     refresh feature) and "extrapolate" (the sampler's first-order baseline). Every predicted step
-    is compared to the true feature: MSE on the loss positions (both branches) and the KL of the
-    guided token distribution, true || predicted, on image positions still masked.
+    is compared to the true feature (`_error_sums`: MSE and KL).
     Returns rows {budget, step, source, mse, kl}: means over trajectories, per shortcut step."""
     shortcut.eval()
     sums = {}  # (budget, step, source) -> [squared error sum, positions, KL sum, image positions]
-    for start in range(0, len(indices), batch_size):
-        reads = [store.read(i) for i in indices[start : start + batch_size]]
-        true = torch.from_numpy(np.stack([r["features"] for r in reads])).float().to(device)  # [n, 2, N, S, D]
-        true = torch.cat(true.unbind(1))  # the sampler's layout [2n, N, S, D]: cond rows, then uncond
-        tokens, order = (torch.from_numpy(np.stack([r[k] for r in reads])).long().to(device).repeat(2, 1)
-                         for k in ("tokens", "order"))
-        labels = torch.as_tensor(np.stack([r["labels"] for r in reads])).long().to(device)
-        cond = torch.cat([labels, base.uncond(labels)])
+    for batch in stored_trajectories(store, indices, base, device, batch_size):
         for budget in budgets:
-            _add_rollout(sums, budget, shortcut, base, rule, true, tokens, order, cond)
+            _add_rollout(sums, budget, shortcut, base, rule, *batch)
     return [{"budget": b, "step": t, "source": source, "mse": (v[0] / v[1]).item(), "kl": (v[2] / v[3]).item()}
             for (b, t, source), v in sums.items()]
 
@@ -231,25 +265,61 @@ def validate_rollout(shortcut: Shortcut, base: MaskedBase, store: TrajectoryStor
 def _add_rollout(sums: dict, budget: int, shortcut, base, rule, true, tokens, order, cond) -> None:
     """One budget's chained rollout over a batch of trajectories, its error sums added to `sums`."""
     steps, full = true.shape[1], set(refresh_steps(true.shape[1], budget))
-    baselines = {"reuse": Reuse(), "extrapolate": Extrapolate()}
+    baselines = {name: feature_source(name, base) for name in BASELINES}
     for t in range(steps):
         if t in full:
             for source in baselines.values():
                 source.observe(t, true[:, t])
             prev = dict.fromkeys(ROLLOUT_SOURCES, true[:, t])
             continue
-        prev["shortcut"], mask = shortcut_step(shortcut, base, prev["shortcut"], tokens, order, t - 1, cond)
+        prev[SHORTCUT], mask = shortcut_step(shortcut, base, prev[SHORTCUT], tokens, order, t - 1, cond)
         new_mask, _, ratio = pair_masks(order, t - 1)
         state = StepState(t, steps, None, torch.where(order < t, tokens, base.mask_id), new_mask, ratio, cond)
         for name, source in baselines.items():
             prev[name] = source.predict(replace(state, prev_feature=prev[name]))
         target = guided_logits(base.head(true[:, t]), rule, t)
-        positions = mask.chunk(2)[0][:, base.image_positions]
         for name in ROLLOUT_SOURCES:
-            kl = distillation_kl(target, guided_logits(base.head(prev[name]), rule, t))
-            found = torch.stack([x.double() for x in ((squared_error(prev[name], true[:, t]) * mask).sum(), mask.sum(),
-                                                      (kl * positions).sum(), positions.sum())]).cpu()
+            found = _error_sums(base, rule, t, prev[name], true[:, t], target, mask)
             sums[budget, t, name] = sums.get((budget, t, name), 0) + found
+
+
+@torch.no_grad()
+def rollout_errors(shortcut: Shortcut, base: MaskedBase, batches, rule: SamplingRule) -> dict[str, list[list[float]]]:
+    """The error of every stretch of shortcut steps, for the learned placement
+    (`schedules.learned_refresh_steps`): from each step s's true feature, the shortcut chains to the
+    last step; error[s][t] (t > s) is the mean error at step t (`_error_sums`), 0 elsewhere.
+    batches: `stored_trajectories` or `sampled_trajectories`. Returns {"mse": error, "kl": error}."""
+    shortcut.eval()
+    steps = rule.steps
+    sums = torch.zeros(steps, steps, 4, dtype=torch.float64)
+    for true, tokens, order, cond in batches:
+        chains = {}  # start step s -> the shortcut's feature at the current step, chained from f_s
+        for t in range(1, steps):
+            chains[t - 1] = true[:, t - 1]
+            target = guided_logits(base.head(true[:, t]), rule, t)  # once per step, for every chain
+            for s, x in chains.items():
+                chains[s], mask = shortcut_step(shortcut, base, x, tokens, order, t - 1, cond)
+                sums[s, t] += _error_sums(base, rule, t, chains[s], true[:, t], target, mask)
+    return {"mse": (sums[..., 0] / sums[..., 1].clamp(min=1)).tolist(),
+            "kl": (sums[..., 2] / sums[..., 3].clamp(min=1)).tolist()}
+
+
+def measure_placements(shortcut: Shortcut, base: MaskedBase, store: TrajectoryStore, indices: range, sampling,
+                       grids: list, device: torch.device) -> dict:
+    """{N: `placements`} at every N of the shortcut `grids` (params' sample.shortcut) with a learned
+    placement, for its budgets, over the held-out samples `indices`: their stored trajectories at
+    the stored N, their trajectories sampled now at another N. sampling: params' `sampling` section."""
+    labels = torch.as_tensor(store.labels[indices.start : indices.stop])
+    grids = [grid for grid in grids if grid.placement == "learned"]
+    out = {}
+    for steps in sorted({grid.steps for grid in grids}):
+        rule = SamplingRule.of(sampling, steps)
+        batches = (stored_trajectories(store, indices, base, device) if steps == store.steps else
+                   sampled_trajectories(base, rule, labels, indices, store.meta["seed"], device))
+        budgets = sorted({b for grid in grids if grid.steps == steps for b in grid.budgets})
+        out[str(steps)] = placements(rollout_errors(shortcut, base, batches, rule), budgets)
+    return out
+
 
 
 def rollout_summary(rows: list[dict]) -> dict:
@@ -260,9 +330,27 @@ def rollout_summary(rows: list[dict]) -> dict:
         for r in rows:
             if r["budget"] == budget:
                 steps.setdefault(r["step"], {})[r["source"]] = r
-        for name in ("shortcut", "extrapolate"):
+        for name in (SHORTCUT, EXTRAPOLATE):
             for metric in ("mse", "kl"):
-                ratios = [s[name][metric] / max(s["reuse"][metric], 1e-30) for s in steps.values()]
-                prefix = "rollout" if name == "shortcut" else f"rollout_{name}"
+                ratios = [s[name][metric] / max(s[REUSE][metric], 1e-30) for s in steps.values()]
+                prefix = "rollout" if name == SHORTCUT else f"rollout_{name}"
                 out[f"{prefix}_{metric}_ratio_B{budget}"] = sum(ratios) / len(ratios)
     return out
+
+
+def rollout_budgets(grids, steps: int) -> list[int]:
+    """The budgets B < N of the sample grid's shortcut `grids` at the stored N = `steps`: where the
+    chained rollout can follow the true trajectory."""
+    return sorted({b for grid in grids if grid.steps == steps for b in grid.budgets if b < steps})
+
+
+def validation_summary(per_step: list[dict], rollout: list[dict], parameters: int, base_parameters: int) -> dict:
+    """The shortcut stage's metrics: per-step validation (`validate_shortcut`) averaged over the
+    steps, the chained rollout's (`rollout_summary`), and the shortcut's size."""
+    ratios = [r["mse_ratio"] for r in per_step]
+    return {"val_mse_ratio_mean": sum(ratios) / len(ratios), "val_mse_ratio_max": max(ratios),
+            "val_mse_ratio_last": ratios[-1],
+            "val_cosine_mean": sum(r["cosine"] for r in per_step) / len(per_step),
+            "val_reuse_cosine_mean": sum(r["reuse_cosine"] for r in per_step) / len(per_step),
+            "parameters": parameters, "parameter_fraction_of_base": parameters / base_parameters,
+            **rollout_summary(rollout)}

@@ -7,33 +7,24 @@ GPU worker that pulls the DVC remote, then loads one format and needs no access 
 stages that decode, `sample` for its grids and `evaluate`).
 """
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from migm_shortcut.bases import build_base, save_base
+from migm_shortcut.bases import build_base, tiny_maskgit_config
 from migm_shortcut.bases.dimoo import load_dimoo
 from migm_shortcut.bases.maskgit import load_maskgit_imagenet
+from migm_shortcut.checkpoint import load_model, save_model, weights_hash
+from migm_shortcut.tokenizer import VQTokenizer
 from migm_shortcut.train_base import train_base
 from migm_shortcut.training import TrainingState
 
-from .common import (DATA, device, no_training_curve, params, stage_args, stage_run, training_run,
-                     write_json)
-from .tokenizer import CODES, load_prompt_ids, load_tokenizer
+from .common import (BASE, CODES, PROMPT_IDS, TOKENIZER, device, no_training_curve, params, read_json,
+                     stage_args, stage_run, training_run, write_json)
 
-OUT = DATA / "base"
-MODEL = OUT / "model.safetensors"
+OUT = BASE.parent
 RESUME = Path(".migm") / "resume" / "base.pt"  # outside DVC's outputs, which a rerun deletes first
-
-
-def weights_hash(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def load_published(p, files: dict[str, str]):
@@ -41,7 +32,7 @@ def load_published(p, files: dict[str, str]):
     b = p.base
     if b.name == "dimoo":
         base = load_dimoo(files["model"], image_size=p.data.image_size, prompt_len=b.published.prompt_len,
-                          uncond_prompt=load_prompt_ids()["uncond"])
+                          uncond_prompt=read_json(PROMPT_IDS)["uncond"])
         cfg = base.llada.config
         found = {"depth": cfg.n_layers, "width": cfg.d_model, "heads": cfg.n_heads, "mlp_ratio": cfg.hidden / cfg.d_model}
         if wrong := [f"base.{k}={getattr(b, k)} (config.json: {v})" for k, v in found.items() if getattr(b, k) != v]:
@@ -63,7 +54,7 @@ def import_published(p) -> None:
     with stage_run(p, "base", params={"name": b.name, **files}) as run:
         base, extra = load_published(p, files)
         config = {**base.config(), **extra, "hash": weights_hash(base.state_dict())}
-        save_base(base, MODEL, config)
+        save_model(BASE, base, config)
         metrics = {"transformer_parameters": base.transformer_parameters(), "imported": True}
         write_json(OUT / "metrics.json", metrics)
         no_training_curve("base")
@@ -76,13 +67,12 @@ def main(argv=None) -> None:
     p, dev = params(), device()
     if p.is_published:
         return import_published(p)
-    tokenizer, tok_config = load_tokenizer()
+    tokenizer, tok_config = load_model(TOKENIZER, lambda c: VQTokenizer(**c["model"]))
     with np.load(CODES) as z:
         codes = {k: torch.from_numpy(z[k].astype(np.int64)) for k in z.files}
     num_classes = int(codes["train_labels"].max()) + 1
     b = p.base
-    config = {"kind": b.name, "tokenizer": tok_config["model"], "num_classes": num_classes,
-              "model": dict(depth=b.depth, width=b.width, heads=b.heads, mlp_ratio=b.mlp_ratio, label_dropout=b.label_dropout)}
+    config = tiny_maskgit_config(b, tok_config["model"], num_classes)
     torch.manual_seed(b.seed)
     base = build_base(config)
     base.tokenizer.load_state_dict(tokenizer.state_dict())
@@ -94,7 +84,7 @@ def main(argv=None) -> None:
                              steps=b.steps, batch_size=b.batch_size, lr=b.lr, warmup=b.warmup,
                              weight_decay=b.weight_decay, seed=b.seed, device=dev, log=curve, state=state)
         config["hash"] = weights_hash(base.state_dict())
-        save_base(base, MODEL, config)
+        save_model(BASE, base, config)
         metrics["transformer_parameters"] = base.transformer_parameters()
         write_json(OUT / "metrics.json", metrics)
         curve.run.log_metrics(metrics)

@@ -5,22 +5,14 @@ and of class accuracy. A published base or text to image: no classifier (their q
 Inception FID, whose reference features stage `reference` computes, or CLIPScore).
 """
 
-from migm_shortcut.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from migm_shortcut.checkpoint import save_model
 from migm_shortcut.classifier import DomainClassifier, accuracy, fit_classifier
+from migm_shortcut.data import load_splits
 
-from .common import DATA, no_training_curve, params, stage_args, training_run, write_json
-from .prepare import load_splits
+from .common import CLASSIFIER, DATA, SPLITS, no_training_curve, params, stage_args, training_run, write_json
 
-OUT = DATA / "classifier"
-MODEL = OUT / "model.safetensors"
+OUT = CLASSIFIER.parent
 METRICS = DATA / "metrics" / "classifier.json"
-
-
-def load_classifier() -> DomainClassifier:
-    state, config = load_checkpoint(MODEL)
-    model = DomainClassifier(**config["model"])
-    load_state_strict(model, state, str(MODEL))
-    return model.eval().requires_grad_(False)
 
 
 def main(argv=None) -> None:
@@ -34,7 +26,7 @@ def main(argv=None) -> None:
         no_training_curve("classifier")
         print(f"classifier: none; quality is {quality}")
         return
-    splits = load_splits()
+    splits = load_splits(SPLITS)
     config = dict(num_classes=splits["train"].num_classes, feature_dim=p.classifier.feature_dim,
                   channels=splits["train"].images.shape[1])
     model = DomainClassifier(**config)
@@ -43,7 +35,7 @@ def main(argv=None) -> None:
                                  batch_size=p.classifier.batch_size, lr=p.classifier.lr, seed=p.classifier.seed,
                                  log=curve)
         metrics["test_accuracy"] = accuracy(model, splits["test"])
-        save_checkpoint(MODEL, model.state_dict(), {"kind": "domain-classifier", "model": config})
+        save_model(CLASSIFIER, model, {"kind": "domain-classifier", "model": config})
         write_json(METRICS, metrics)
         curve.run.log_metrics(metrics)
     print(f"classifier: val accuracy {metrics['val_accuracy']:.2%}, test accuracy {metrics['test_accuracy']:.2%}")

@@ -23,6 +23,17 @@ from migm_shortcut.data import DatasetNotFoundError, read_prompts  # noqa: E402
 
 DATA = Path("data")
 PARAMS_FILE = Path("params.yaml")
+# What the stages hand each other (dvc.yaml's outs of one, deps of the next), named once here.
+SPLITS, PROMPTS = DATA / "dataset" / "splits.npz", DATA / "dataset" / "prompts.json"
+TOKENIZER = DATA / "tokenizer" / "model.safetensors"
+CODES, PROMPT_IDS = DATA / "tokenizer" / "codes.npz", DATA / "tokenizer" / "prompts.json"
+CLASSIFIER = DATA / "classifier" / "model.safetensors"
+INCEPTION_REFERENCE = DATA / "reference" / "inception.npz"
+BASE = DATA / "base" / "model.safetensors"
+SHORTCUT = DATA / "shortcut" / "model.safetensors"
+SHORTCUT_METRICS = DATA / "shortcut" / "metrics.json"
+PLACEMENT = DATA / "shortcut" / "placement.json"  # the learned refresh steps (migm_shortcut.placement)
+SAMPLES = DATA / "samples"
 
 
 def stage_args(doc: str, argv=None) -> argparse.Namespace:
@@ -84,6 +95,12 @@ def decode_batch(p: Params) -> int:
     """Images decoded per call: 250 at MNIST sizes, 64 at 256 px, 16 at 512 px, where a VQGAN
     decoder's full-resolution activations take about half a GB per image."""
     return max(16, min(250, 2**22 // p.data.image_size**2))
+
+
+def prompt_conditions(base, prompt_set: str) -> torch.Tensor:
+    """The conditions of a text-to-image prompt set ("train" or "eval"): its prompts' token ids
+    (stage tokenizer), left-padded by the base [n, P]."""
+    return base.pad_prompts(read_json(PROMPT_IDS)[prompt_set])
 
 
 def device() -> torch.device:
@@ -198,5 +215,6 @@ def sampler_params(p: Params, row: dict) -> dict:
     """What a sampler configuration's run records: its setting, the sampling rule at its steps, and
     the shortcut's settings when it samples with one."""
     params = {"sampler": row["sampler"], "steps": row["steps"], "budget": row["budget"],
+              "placement": row.get("placement", "uniform"),
               "sampling": {**p.sampling.model_dump(), "steps": row["steps"]}}
     return params | ({"shortcut": p.shortcut.model_dump()} if row["sampler"] == "shortcut" else {})

@@ -18,9 +18,7 @@ from migm_shortcut.extract import extract, merge_stats, open_or_replace_store
 from migm_shortcut.schedules import SamplingRule
 from migm_shortcut.store import store_bytes
 
-from .base import MODEL as BASE_MODEL
-from .common import DATA, device, params, stage_run, write_json
-from .tokenizer import prompt_conditions
+from .common import BASE, DATA, device, params, prompt_conditions, stage_run, write_json
 
 METRICS = DATA / "extract" / "metrics.json"
 
@@ -54,7 +52,7 @@ def main(argv=None) -> None:
 def fill_store(p, args, dev, run) -> None:
     """Create or open the store and extract this worker's units; the main worker writes the metrics
     once the store is complete."""
-    base = load_base(BASE_MODEL, dev)
+    base = load_base(BASE, dev)
     with distributed.main_first():  # creating a store is not safe to race
         store = prepare_store(p, base)
     if args.create_only:

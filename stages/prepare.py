@@ -6,26 +6,11 @@ data.dataset = prompts (text to image): it copies the prompt sets (data.root/tra
 into the pipeline, where the tokenizer stage turns them into the base's conditions.
 """
 
-import numpy as np
+from migm_shortcut.data import DatasetNotFoundError, load_dataset, read_prompts, reference_batch_info, save_splits
 
-from migm_shortcut.data import DatasetNotFoundError, Split, load_dataset, read_prompts, reference_batch_info
+from .common import DATA, PROMPTS, SPLITS, params, stage_args, write_json
 
-from .common import DATA, params, stage_args, write_json
-
-SPLITS = DATA / "dataset" / "splits.npz"
-PROMPTS = DATA / "dataset" / "prompts.json"
 INFO = DATA / "metrics" / "prepare.json"
-
-
-def load_splits() -> dict[str, Split]:
-    if not SPLITS.is_file():
-        raise FileNotFoundError(f"{SPLITS} is missing: run the prepare stage first (`dvc repro prepare`)")
-    import torch
-
-    with np.load(SPLITS) as z:
-        num_classes = int(z["num_classes"])
-        return {name: Split(torch.from_numpy(z[f"{name}_images"]), torch.from_numpy(z[f"{name}_labels"]), num_classes)
-                for name in ("train", "val", "test")}
 
 
 def main(argv=None) -> None:
@@ -52,10 +37,7 @@ def main(argv=None) -> None:
         splits = load_dataset(p.data.dataset, p.data.root, p.data.image_size, p.data.val_size, p.data.seed)
     except DatasetNotFoundError as err:
         raise SystemExit(f"error: {err}")
-    arrays = {f"{k}_{a}": getattr(s, a).numpy() for k, s in splits.items() for a in ("images", "labels")}
-    tmp = SPLITS.with_suffix(".tmp.npz")
-    np.savez(tmp, num_classes=splits["train"].num_classes, **arrays)
-    tmp.replace(SPLITS)
+    save_splits(SPLITS, splits)
     info = {"dataset": p.data.dataset, "num_classes": splits["train"].num_classes,
             **{f"{k}_size": len(s) for k, s in splits.items()},
             "train_mean_pixel": float(splits["train"].images.float().mean())}

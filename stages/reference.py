@@ -12,14 +12,13 @@ import time
 import numpy as np
 import torch
 
-from migm_shortcut.data import iter_reference_images, to_float
+from migm_shortcut.data import iter_reference_images, load_splits, to_float
 from migm_shortcut.metrics import InceptionFeatures
 
-from .common import DATA, device, params, stage_args, stage_run, write_json
-from .prepare import load_splits
+from .common import INCEPTION_REFERENCE as FEATURES
+from .common import DATA, SPLITS, device, params, stage_args, stage_run, write_json
 
-OUT = DATA / "reference"
-FEATURES = OUT / "inception.npz"
+OUT = FEATURES.parent
 METRICS = DATA / "metrics" / "reference.json"
 BATCH = 100
 
@@ -28,7 +27,7 @@ def reference_images(p):
     """uint8 batches [b, C, H, W] of the reference images whose features the headline FID needs."""
     if p.is_published:
         return iter_reference_images(p.data.root, batch_size=BATCH)
-    real = load_splits()[p.evaluate.reference]
+    real = load_splits(SPLITS)[p.evaluate.reference]
     n = min(p.evaluate.inception_reference, len(real))
     return (real.images[i : i + BATCH] for i in range(0, n, BATCH))
 
@@ -45,7 +44,7 @@ def main(argv=None) -> None:
         return
     with stage_run(p, "reference", params={"evaluate.reference": p.evaluate.reference}) as run:
         start = time.perf_counter()
-        inception = InceptionFeatures(device=dev)
+        inception = InceptionFeatures(device=dev, dtype=getattr(torch, p.evaluate.inception_dtype))
         feats = torch.cat([inception(to_float(x.to(dev))).cpu() for x in reference_images(p)])
         np.savez(OUT / "inception.tmp.npz", inception=feats.numpy())
         (OUT / "inception.tmp.npz").replace(FEATURES)

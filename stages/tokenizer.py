@@ -7,28 +7,15 @@ text tokenizer (data/tokenizer/prompts.json: ids per prompt set, and the uncondi
 
 import numpy as np
 
-from migm_shortcut.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
-from migm_shortcut.tokenizer import VQTokenizer, encode_dataset, fit_tokenizer
+from migm_shortcut.checkpoint import save_model
+from migm_shortcut.data import load_splits
+from migm_shortcut.tokenizer import VQTokenizer, encode_dataset, fit_tokenizer, tokenizer_config
 
-from .common import DATA, no_training_curve, params, read_json, stage_args, training_run, write_json
-from .prepare import PROMPTS, load_splits
+from .common import (CODES, DATA, PROMPT_IDS, PROMPTS, SPLITS, TOKENIZER, no_training_curve, params, read_json,
+                     stage_args, training_run, write_json)
 
-OUT = DATA / "tokenizer"
-MODEL, CODES, PROMPT_IDS = OUT / "model.safetensors", OUT / "codes.npz", OUT / "prompts.json"
+OUT = TOKENIZER.parent
 METRICS = DATA / "metrics" / "tokenizer.json"
-
-
-def tokenizer_config(p, channels: int) -> dict:
-    t = p.tokenizer
-    return dict(codebook_size=t.codebook_size, code_dim=t.code_dim, hidden=t.hidden, channels=channels,
-                ema_decay=t.ema_decay, image_size=p.data.image_size)
-
-
-def load_tokenizer() -> tuple[VQTokenizer, dict]:
-    state, config = load_checkpoint(MODEL)
-    model = VQTokenizer(**config["model"])
-    load_state_strict(model, state, str(MODEL))
-    return model.eval(), config
 
 
 def tokenize(p) -> dict:
@@ -50,16 +37,6 @@ def tokenize(p) -> dict:
     return info
 
 
-def load_prompt_ids() -> dict[str, list[list[int]] | list[int]]:
-    """{"train": ids per prompt, "eval": ids per prompt, "uncond": ids} of a text-to-image profile."""
-    return read_json(PROMPT_IDS)
-
-
-def prompt_conditions(base, prompt_set: str):
-    """The conditions of a prompt set ("train" or "eval"): its prompts' ids, left-padded by the base [n, P]."""
-    return base.pad_prompts(load_prompt_ids()[prompt_set])
-
-
 def main(argv=None) -> None:
     stage_args(__doc__, argv)
     p = params()
@@ -72,14 +49,14 @@ def main(argv=None) -> None:
         write_json(METRICS, info)
         print(f"tokenizer: none trained; {p.base.name} decodes with its published VQ model")
         return
-    splits = load_splits()
-    config = tokenizer_config(p, channels=splits["train"].images.shape[1])
+    splits = load_splits(SPLITS)
+    config = tokenizer_config(p.tokenizer, p.data.image_size, channels=splits["train"].images.shape[1])
     model = VQTokenizer(**config)
     with training_run(p, "tokenizer", params=p.tokenizer.model_dump()) as curve:
         metrics = fit_tokenizer(model, splits["train"].images, splits["val"].images, steps=p.tokenizer.steps,
                                 batch_size=p.tokenizer.batch_size, lr=p.tokenizer.lr, seed=p.tokenizer.seed, log=curve)
         model.eval()
-        save_checkpoint(MODEL, model.state_dict(), {"kind": "vq-tokenizer", "model": config})
+        save_model(TOKENIZER, model, {"kind": "vq-tokenizer", "model": config})
         codes = {f"{k}_codes": encode_dataset(model, splits[k].images).numpy().astype(np.int16) for k in ("train", "val")}
         np.savez(CODES, **codes, **{f"{k}_labels": splits[k].labels.numpy() for k in ("train", "val")})
         write_json(METRICS, metrics)

@@ -45,11 +45,15 @@ def test_profiles_load(name):
 def test_smoke_profile_values(smoke):
     p = parse_params(smoke)
     assert p.sampling.steps == 8 and p.base.depth == 2
-    assert [(g.steps, g.budgets) for g in p.sample.shortcut] == [(8, [3, 4]), (12, [3])]
+    assert [(g.steps, g.budgets, g.placement) for g in p.sample.shortcut] == [
+        (8, [3, 4], "uniform"), (12, [3], "uniform"), (8, [3], "learned")]
     settings = {s.name for s in p.sample.settings()}
     # baselines only at baseline_steps (8), at every shortcut budget there
     assert {"reuse-N8-B3", "extrapolate-N8-B4", "shortcut-N12-B3", "vanilla-N4"} <= settings
     assert "reuse-N12-B3" not in settings
+    # a learned placement is the shortcut's own: its configuration beside the uniform one, no baselines
+    assert {"shortcut-learned-N8-B3", "shortcut-N8-B3"} <= settings and not any("-learned" in s for s in settings - {
+        "shortcut-learned-N8-B3"})
 
 
 @pytest.mark.parametrize("path, value, key", [
@@ -64,6 +68,7 @@ def test_smoke_profile_values(smoke):
     ("shortcut.ema_decay", 1.5, "shortcut.ema_decay"),
     ("sampling.steps", 1, "sampling.steps"),
     ("sample.shortcut.1.budgets", [], "sample.shortcut[1].budgets"),
+    ("sample.shortcut.0.placement", "best", "sample.shortcut[0].placement"),
 ])  # fmt: skip
 def test_field_errors_name_the_key(smoke, path, value, key):
     with pytest.raises(ConfigError) as err:

@@ -50,6 +50,19 @@ def test_shortcut_rows_get_their_twins_and_the_next_slower_vanilla():
     assert "faster_than" not in r["vanilla-N4"]
 
 
+def test_a_learned_placement_is_paired_with_the_uniform_one():
+    learned = {**row("shortcut", 8, 2, 12.5), "name": "shortcut-learned-N8-B2", "placement": "learned"}
+    values = {"vanilla-N4": 30.0, "vanilla-N8": 20.0, "shortcut-N8-B2": 22.0, "reuse-N8-B2": 25.0,
+              "extrapolate-N8-B2": 22.5, "shortcut-N8-B4": 19.0, "shortcut-learned-N8-B2": 19.5}
+    rows = [{**r, "placement": "uniform"} for r in grid()] + [learned]
+    r = {x["name"]: x for x in add_paired_comparisons(rows, fake_scores(values), FID, ("fid",))}
+    # 19.5 - 22 = -2.5 beyond +-1; the uniform row's own twins stay the baselines
+    assert (r["shortcut-learned-N8-B2"]["fid_minus_uniform"], r["shortcut-learned-N8-B2"]["fid_minus_uniform_beyond_ci"]) \
+        == (-2.5, True)
+    assert not any(k.startswith(("fid_minus_reuse", "fid_minus_extrapolate")) for k in r["shortcut-learned-N8-B2"])
+    assert r["shortcut-N8-B2"]["fid_minus_reuse"] == -3.0 and "fid_minus_uniform" not in r["shortcut-N8-B2"]
+
+
 def test_a_higher_is_better_quality_flips_the_decision():
     from migm_shortcut.report import CLIP_SCORE
 

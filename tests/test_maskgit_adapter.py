@@ -13,7 +13,8 @@ from maskgit_manifest import (PUBLISHED_TRANSFORMER_PARAMETERS, VQGAN_IGNORED_PR
                               transformer_keys, vqgan_decoder_keys)
 from tiny_models import one_thread  # noqa: F401 (autouse fixture)
 
-from migm_shortcut.bases import build_base, load_base, save_base
+from migm_shortcut.bases import build_base, load_base
+from migm_shortcut.checkpoint import save_model
 from migm_shortcut.bases.maskgit import MaskGITImageNet, VQGANConfig, load_maskgit_imagenet
 from migm_shortcut.extract import extract, open_store
 from migm_shortcut.sampling import Learned, generate
@@ -249,8 +250,8 @@ def test_registry_builder_and_project_checkpoint(base, files, tmp_path):
     assert built.base_id == "maskgit-imagenet:abc"
     for k, x in base.state_dict().items():
         assert torch.equal(built.state_dict()[k], x), k
-    # save_base / load_base: the project's safetensors, rebuilt from config() (no published files needed)
-    path = save_base(base, tmp_path / "base.safetensors", {**base.config(), "hash": "abc"})
+    # save_model / load_base: the project's safetensors, rebuilt from config() (no published files needed)
+    path = save_model(tmp_path / "base.safetensors", base, {**base.config(), "hash": "abc"})
     again = load_base(path)
     tokens = torch.full((2, TINY.tokens), base.mask_id)
     torch.testing.assert_close(again.features(tokens, torch.tensor([1, 10])), base.features(tokens, torch.tensor([1, 10])))

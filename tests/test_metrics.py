@@ -117,20 +117,6 @@ def test_inception_score_bounds_and_class_accuracy():
     assert out["class_accuracy"] == 1.0
 
 
-def test_latency_excludes_warmup_and_is_sane():
-    calls = []
-
-    def fn():
-        calls.append(1)
-        torch.ones(64, 64) @ torch.ones(64, 64)
-
-    out = metrics.measure_latency(fn, warmup=2, repeats=5, batch_size=8, device="cpu")
-    assert len(calls) == 7
-    assert out["repeats"] == 5
-    assert 0 < out["p10"] <= out["median_ms_per_image"] <= out["p90"] < 1000
-    assert out["std"] >= 0
-
-
 def test_resize_matches_fid_helper_bilinear():
     # fid-helper's 'nv_bilinear', written out with grid_sample: TF1 sampling at i * in / out.
     x = torch.rand(2, 3, 28, 20) * 255

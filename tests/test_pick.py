@@ -73,9 +73,9 @@ def test_reference_must_be_evaluated():
 
 
 @pytest.mark.parametrize("name, grid", [
-    ("shortcut-N8-B3", {"vanilla_steps": [8], "shortcut": [{"steps": 8, "budgets": [3]}], "baselines": [],
+    ("shortcut-N8-B3", {"vanilla_steps": [8], "shortcut": [{"steps": 8, "budgets": [3], "placement": "uniform"}], "baselines": [],
                         "baseline_steps": []}),
-    ("reuse-N8-B3", {"vanilla_steps": [8], "shortcut": [{"steps": 8, "budgets": [3]}], "baselines": ["reuse"],
+    ("reuse-N8-B3", {"vanilla_steps": [8], "shortcut": [{"steps": 8, "budgets": [3], "placement": "uniform"}], "baselines": ["reuse"],
                      "baseline_steps": [8]}),
     ("vanilla-N4", {"vanilla_steps": [4, 8], "shortcut": [], "baselines": [], "baseline_steps": []}),
 ])  # fmt: skip

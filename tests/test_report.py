@@ -128,7 +128,18 @@ def test_table_has_a_row_per_configuration_and_the_columns_the_rows_fill():
     assert filled["Class acc. (worst class)"] == "90.0% (50%)"
 
 
+def test_table_shows_a_learned_placement_its_refreshes_and_its_difference_with_uniform():
+    learned = row("shortcut", 16, 4, 16, 11, 1) | {"placement": "learned", "refresh_steps": [0, 3, 6, 11],
+                                                   "fid_minus_uniform": -1.0, "fid_minus_uniform_ci_low": -1.5,
+                                                   "fid_minus_uniform_ci_high": -0.5, "fid_minus_uniform_beyond_ci": True}
+    t = table(add_comparisons(rows() + [learned], reference_steps=8))
+    cell = t["shortcut-learned 16 steps, B=4, refreshes [0, 3, 6, 11]"]
+    assert cell["FID learned minus uniform placement (paired)"] == "-1.00 (-1.50 to -0.50) **better**"
+    assert t["shortcut 16 steps, B=4"]["FID learned minus uniform placement (paired)"] == "–"
+
+
 def test_pareto_plot_writes_a_png(tmp_path):
     path = tmp_path / "new" / "pareto.png"
-    assert pareto_plot(add_comparisons(rows(), reference_steps=8), path, "title") == path
+    learned = row("shortcut", 16, 4, 16, 11, 1) | {"placement": "learned"}  # a curve of its own
+    assert pareto_plot(add_comparisons(rows() + [learned], reference_steps=8), path, "title") == path
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

@@ -4,13 +4,13 @@ import shutil
 
 import pytest
 import torch
-from tiny_models import SHORTCUT_SPEC, make_base, make_shortcut, one_thread  # noqa: F401 (autouse fixture)
+from tiny_models import make_base, make_shortcut, one_thread  # noqa: F401 (autouse fixture)
 
-from migm_shortcut.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from migm_shortcut.checkpoint import save_model
 from migm_shortcut.noise import sample_keys, uniforms
 from migm_shortcut.sampling import Extrapolate, FeatureSource, Learned, Reuse, StepState, draw, fixed_threads, generate, generate_on_cores
 from migm_shortcut.schedules import SamplingRule, refresh_steps, reveal_counts
-from migm_shortcut.shortcut import Shortcut, ShortcutSpec
+from migm_shortcut.shortcut import load_shortcut
 
 SEED = 7
 
@@ -75,6 +75,20 @@ class Calls:
     def _hook(self, module, args, kwargs, out):
         self.shortcut_args.append([a if a is None else a.clone() for a in args] + [kwargs["new_positions"]])
         self.shortcut_out.append(out.clone())
+
+
+def test_refresh_steps_given_are_the_base_calls(base, shortcut, monkeypatch):
+    # A learned placement names its full steps; the loop runs the base there and nowhere else.
+    calls = Calls(base, shortcut, monkeypatch)
+    try:
+        run(base, 8, refresh=[0, 1, 6], source=Learned(shortcut, base))
+    finally:
+        calls.hook.remove()
+    reveal = reveal_counts(8, base.num_tokens)
+    assert [m[0] for m in calls.base_masked] == [base.num_tokens - sum(reveal[:i]) for i in (0, 1, 6)]
+    assert len(calls.shortcut_args) == 5
+    with pytest.raises(ValueError, match="step 0"):
+        run(base, 8, refresh=[1, 6], source=Reuse())
 
 
 @pytest.mark.parametrize("steps, budget", [(4, 1), (4, 2), (4, 3), (8, 3), (8, 5), (12, 3), (12, 12), (15, 7)])
@@ -243,11 +257,11 @@ def test_recorded_features_at_shortcut_steps_are_the_predictions(base, shortcut)
 
 @pytest.mark.parametrize("steps", [8, 12])
 def test_saved_shortcut_samples_at_other_steps(base, shortcut, tmp_path, steps):
-    path = save_checkpoint(tmp_path / "shortcut.safetensors", shortcut.state_dict(), shortcut.spec.to_dict())
-    state, config = load_checkpoint(path)
-    loaded = Shortcut(ShortcutSpec(**config)).eval()
-    load_state_strict(loaded, state, str(path))
-    assert config == {**ShortcutSpec(**SHORTCUT_SPEC).to_dict()}
+    path = save_model(tmp_path / "shortcut.safetensors", shortcut, {"spec": shortcut.spec.to_dict(), "base_id": "b"})
+    loaded = load_shortcut(path, "b")
+    assert loaded.spec == shortcut.spec and not loaded.training
+    with pytest.raises(ValueError, match="trained on base b, not other"):
+        load_shortcut(path, "other")
 
     ids = list(range(4))
     learned = run(base, steps, ids=ids, budget=3, source=Learned(loaded, base))

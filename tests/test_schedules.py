@@ -1,8 +1,13 @@
-"""The pure schedules of SPEC sections 3 and 6: arccos reveal counts, refresh steps, CFG/noise ramps."""
+"""The pure schedules of SPEC sections 3 and 6: arccos reveal counts, refresh steps (uniform and
+learned from a measured error), CFG/noise ramps."""
+
+import itertools
+import random
 
 import pytest
 
-from migm_shortcut.schedules import cfg_weight, noise_scale, refresh_steps, reveal_counts
+from migm_shortcut.schedules import (cfg_weight, learned_refresh_steps, noise_scale, placement_error, refresh_steps,
+                                     reveal_counts)
 
 
 def test_reveal_counts_reference_example():
@@ -73,6 +78,37 @@ def test_refresh_steps_are_b_distinct_steps_starting_at_zero(steps):
 def test_refresh_steps_reject_budget_out_of_range(steps, budget):
     with pytest.raises(ValueError, match="budget"):
         refresh_steps(steps, budget)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 7])
+def test_learned_refresh_steps_match_brute_force(steps):
+    rng = random.Random(steps)
+    error = [[rng.random() for _ in range(steps)] for _ in range(steps)]
+    for budget in range(1, steps + 1):
+        placements = [[0, *rest] for rest in itertools.combinations(range(1, steps), budget - 1)]
+        best = min(placements, key=lambda full: placement_error(error, full))  # random errors: no ties
+        assert learned_refresh_steps(error, budget) == best
+
+
+@pytest.mark.parametrize("steps", [2, 7, 12, 16, 32])
+def test_learned_refresh_steps_with_constant_error_are_uniform(steps):
+    # Every placement then costs N - B: the tie-break towards the uniform grid decides, alone.
+    error = [[0.5] * steps for _ in range(steps)]
+    for budget in range(1, steps + 1):
+        assert learned_refresh_steps(error, budget) == refresh_steps(steps, budget)
+
+
+def test_learned_refresh_steps_follow_the_error():
+    # Shortcut steps cost nothing after step 3 and much before it: the refreshes crowd the start.
+    error = [[1.0 if t < 3 else 0.0 for t in range(8)] for _ in range(8)]
+    assert learned_refresh_steps(error, 3) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("steps", [1, 6, 16])
+def test_learned_refresh_steps_full_budget_is_every_step(steps):
+    rng = random.Random(0)
+    error = [[rng.random() for _ in range(steps)] for _ in range(steps)]
+    assert learned_refresh_steps(error, steps) == list(range(steps))
 
 
 def test_cfg_weight_ramps_from_zero_to_scale():

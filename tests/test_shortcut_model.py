@@ -11,8 +11,7 @@ from mlflow import MlflowClient
 from tiny_models import SHORTCUT_SPEC, TINY_BASE, make_base, make_shortcut, one_thread  # noqa: F401
 
 from migm_shortcut import tracking
-from migm_shortcut.bases import save_base
-from migm_shortcut.checkpoint import save_checkpoint
+from migm_shortcut.checkpoint import save_model
 from migm_shortcut.sampling import Learned, generate
 from migm_shortcut.schedules import SamplingRule
 from migm_shortcut.shortcut_model import register_shortcut, tag_with_headline
@@ -25,9 +24,9 @@ def registered(tmp_path_factory) -> tuple[Path, str]:
     """(folder, version) of a tiny random shortcut registered as `test-shortcut`."""
     root = tmp_path_factory.mktemp("registry")
     base = make_base()
-    base_path = save_base(base, root / "base.safetensors", TINY_BASE)
+    base_path = save_model(root / "base.safetensors", base, TINY_BASE)
     config = {"spec": {"dim": 32, **SHORTCUT_SPEC}, "base_id": base.base_id}
-    shortcut_path = save_checkpoint(root / "shortcut" / "model.safetensors", make_shortcut().state_dict(), config)
+    shortcut_path = save_model(root / "shortcut" / "model.safetensors", make_shortcut(), config)
     parent = tracking.pipeline_run(root, "test-exp", "pipeline", params={}, tags={}, key="k",
                                    state_file=root / "parents.json")
     with tracking.stage_run(root, parent, "shortcut") as run:
@@ -63,7 +62,7 @@ def test_registered_shortcut_loads_through_mlflow_and_samples(registry):
 
 
 def test_a_shortcut_loaded_with_another_base_says_how_to_name_its_own(registry):
-    other = save_base(make_base(seed=1), registry[0] / "other.safetensors", {**TINY_BASE, "hash": "other"})
+    other = save_model(registry[0] / "other.safetensors", make_base(seed=1), {**TINY_BASE, "hash": "other"})
     with pytest.raises(ValueError, match="model_config"):
         mlflow.pyfunc.load_model(f"models:/test-shortcut/{registry[1]}",
                                  model_config={"base": str(other)})
@@ -75,5 +74,5 @@ def test_an_evaluation_tags_the_versions_of_its_checkpoint_with_its_headline(reg
     assert tag_with_headline(root, "test-shortcut", checkpoint, {"reference_fid": 70.0}) == 1
     tags = MlflowClient().get_model_version("test-shortcut", version).tags
     assert tags["headline.reference_fid"] == "70.0"
-    other = save_checkpoint(root / "other" / "model.safetensors", make_shortcut(seed=2).state_dict(), {})
+    other = save_model(root / "other" / "model.safetensors", make_shortcut(seed=2), {})
     assert tag_with_headline(root, "test-shortcut", other, {"reference_fid": 1.0}) == 0

@@ -9,14 +9,16 @@ import torch
 from test_shortcut import tiny_store
 from tiny_models import SHORTCUT_SPEC, make_base, make_shortcut, one_thread  # noqa: F401 (autouse fixture)
 
+from migm_shortcut.config import SamplingConfig, ShortcutGrid
 from migm_shortcut.extract import extract, open_store
 from migm_shortcut.sampling import guided_logits
-from migm_shortcut.schedules import SamplingRule
+from migm_shortcut.schedules import SamplingRule, learned_refresh_steps, refresh_steps
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec
 from migm_shortcut.store import PairDataset, TrajectoryBatchSampler, TrajectoryStore
 from migm_shortcut.train_shortcut import (
-    branch_cond, cond_then_uncond, distillation_kl, rollout_summary, shortcut_loss, shortcut_step,
-    train_shortcut, validate_rollout, validate_shortcut,
+    branch_cond, cond_then_uncond, distillation_kl, measure_placements, rollout_budgets, rollout_errors,
+    rollout_summary, sampled_trajectories, shortcut_loss, shortcut_step, stored_trajectories, train_shortcut,
+    validate_rollout, validate_shortcut, validation_summary,
 )  # fmt: skip
 
 CPU = torch.device("cpu")
@@ -201,3 +203,58 @@ def test_rollout_errors_by_hand(tmp_path):
         kl = (p.exp() * (p - q)).sum(-1)
         assert got[source, t]["kl"] == pytest.approx(kl[still].mean().item(), rel=1e-4)
     assert got["shortcut", 1]["mse"] != got["reuse", 1]["mse"]
+
+
+def test_rollout_budgets_are_the_grid_budgets_below_the_stored_steps():
+    grids = [ShortcutGrid(steps=8, budgets=[4, 2, 8]), ShortcutGrid(steps=12, budgets=[3]),
+             ShortcutGrid(steps=8, budgets=[2, 5])]
+    assert rollout_budgets(grids, 8) == [2, 4, 5]
+
+
+def test_validation_summary_averages_the_steps():
+    per_step = [{"mse_ratio": r, "cosine": 0.9, "reuse_cosine": 0.5} for r in (0.2, 0.4, 0.9)]
+    rows = [{"budget": 2, "step": 1, "source": s, "mse": m, "kl": 1.0}
+            for s, m in (("shortcut", 1.0), ("reuse", 4.0), ("extrapolate", 2.0))]
+    out = validation_summary(per_step, rows, parameters=10, base_parameters=40)
+    assert out["val_mse_ratio_mean"] == pytest.approx(0.5) and out["val_mse_ratio_max"] == 0.9
+    assert out["val_mse_ratio_last"] == 0.9 and out["val_reuse_cosine_mean"] == pytest.approx(0.5)
+    assert out["parameter_fraction_of_base"] == 0.25 and out["rollout_mse_ratio_B2"] == 0.25
+
+
+# the error of every stretch of shortcut steps, for the learned placement
+
+
+def test_rollout_errors_are_the_chained_rollout_from_each_start(trajectories):
+    store, shortcut = TrajectoryStore.open(trajectories), make_shortcut()
+    errors = rollout_errors(shortcut, make_base(), stored_trajectories(store, range(16, 24), make_base(), CPU), RULE)
+    rows = validate_rollout(shortcut, make_base(), store, range(16, 24), RULE, [2, 4], device=CPU)
+    for r in (r for r in rows if r["source"] == "shortcut"):
+        last = max(s for s in refresh_steps(N, r["budget"]) if s < r["step"])
+        assert errors["mse"][last][r["step"]] == pytest.approx(r["mse"], rel=1e-5)
+        assert errors["kl"][last][r["step"]] == pytest.approx(r["kl"], rel=1e-5)
+    assert errors["kl"][3][1] == 0.0 and errors["kl"][0][5] > 0  # only t > s is measured
+
+
+def test_sampled_trajectories_at_the_stored_n_are_the_stored_ones(trajectories):
+    store, base = TrajectoryStore.open(trajectories), make_base()
+    labels = torch.as_tensor(store.labels[16:24])
+    stored = next(stored_trajectories(store, range(16, 24), base, CPU))
+    sampled = next(sampled_trajectories(base, RULE, labels, range(16, 24), store.meta["seed"], CPU))
+    for a, b in zip(stored, sampled):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_measure_placements_at_each_learned_n(trajectories):
+    grids = [ShortcutGrid(steps=N, budgets=[2, 3], placement="learned"), ShortcutGrid(steps=4, budgets=[2]),
+             ShortcutGrid(steps=5, budgets=[2], placement="learned")]
+    sampling = SamplingConfig(steps=N, cfg=RULE.cfg, tau=RULE.tau)
+    out = measure_placements(make_shortcut(), make_base(), TrajectoryStore.open(trajectories), range(16, 20), sampling,
+                             grids, CPU)
+    assert list(out) == [str(5), str(N)]  # uniform entries need nothing measured
+    assert len(out["5"]["kl"]) == 5 and list(out[str(N)]["budgets"]) == ["2", "3"]
+    for placed in out.values():
+        for budget, b in placed["budgets"].items():
+            assert b["learned"] == learned_refresh_steps(placed["kl"], int(budget))
+            assert b["uniform"] == refresh_steps(len(placed["kl"]), int(budget))
+            assert b["learned_error"] <= b["uniform_error"]
+

@@ -9,12 +9,20 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from ..checkpoint import load_model
 from ..tokenizer import VQTokenizer
 from .contract import MaskedBase
 from .dimoo import build_dimoo
 from .maskgit import build_maskgit_imagenet
 from .tiny_maskgit import TinyMaskGIT
+
+
+def tiny_maskgit_config(base, tokenizer: dict, num_classes: int, depth: int | None = None) -> dict:
+    """The checkpoint config of a tiny MaskGIT: params.yaml's `base` section, the tokenizer's config
+    (`tokenizer.tokenizer_config`), the number of classes; `depth`: fewer layers than the section's."""
+    model = dict(depth=depth or base.depth, width=base.width, heads=base.heads, mlp_ratio=base.mlp_ratio,
+                 label_dropout=base.label_dropout)
+    return {"kind": "tiny-maskgit", "tokenizer": tokenizer, "num_classes": num_classes, "model": model}
 
 
 def _build_tiny_maskgit(config: dict) -> MaskedBase:
@@ -34,16 +42,9 @@ def build_base(config: dict) -> MaskedBase:
     return base
 
 
-def save_base(base: MaskedBase, path: str | Path, config: dict) -> Path:
-    return save_checkpoint(path, base.state_dict(), config)
-
-
 def load_base(path: str | Path, device: str | torch.device = "cpu") -> MaskedBase:
-    """Rebuild a base from its checkpoint, in eval mode and frozen."""
-    state, config = load_checkpoint(path)
-    base = build_base(config)
-    load_state_strict(base, state, str(path))
-    return base.to(device).eval().requires_grad_(False)
+    """Rebuild a base from its checkpoint (written by `checkpoint.save_model`), in eval mode and frozen."""
+    return load_model(path, build_base)[0].to(device)
 
 
-__all__ = ["BASES", "MaskedBase", "build_base", "load_base", "save_base"]
+__all__ = ["BASES", "MaskedBase", "build_base", "load_base", "tiny_maskgit_config"]

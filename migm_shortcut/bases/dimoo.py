@@ -29,7 +29,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..checkpoint import load_state_strict
-from ..layers import ShortcutContext, rotate
+from ..layers import ShortcutContext, attention
 from .contract import MaskedBase
 
 # Token map (published config.py SPECIAL_TOKENS; SPEC section 9).
@@ -112,16 +112,10 @@ class LLaDALlamaBlock(nn.Module):
         self.ff_out = nn.Linear(cfg.hidden, D, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        h, kvh = self.cfg.n_heads, self.cfg.kv_heads
         xn = self.attn_norm(x)
-        q = self.q_proj(xn).view(B, T, h, -1).transpose(1, 2)
-        k = self.k_proj(xn).view(B, T, kvh, -1).transpose(1, 2)
-        v = self.v_proj(xn).view(B, T, kvh, -1).transpose(1, 2)
-        q, k = rotate(q, positions, self.cfg.rope_theta), rotate(k, positions, self.cfg.rope_theta)
-        k, v = k.repeat_interleave(h // kvh, dim=1), v.repeat_interleave(h // kvh, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])  # bidirectional
-        x = x + self.attn_out(y.transpose(1, 2).reshape(B, T, D))
+        y = attention(self.q_proj(xn), self.k_proj(xn), self.v_proj(xn), self.cfg.n_heads,  # bidirectional
+                      keys[:, None, None, :], (positions, positions, self.cfg.rope_theta))
+        x = x + self.attn_out(y)
         xn = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(xn)) * self.up_proj(xn))
 

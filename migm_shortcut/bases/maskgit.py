@@ -40,6 +40,7 @@ import yaml
 from torch import nn
 
 from ..checkpoint import load_state_strict
+from ..layers import attention
 from .contract import MaskedBase
 
 HF_REPO = "llvictorll/Maskgit-pytorch"  # where download_models.py fetches the published files
@@ -65,11 +66,8 @@ class _SelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, S, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(y.transpose(1, 2).reshape(B, S, D))
+        return self.out_proj(attention(*qkv.chunk(3, dim=-1), self.heads))
 
 
 class _AttentionFn(nn.Module):
@@ -323,7 +321,7 @@ class MaskGITImageNet(MaskedBase):
         self.register_buffer("_image_positions", torch.arange(self.num_tokens), persistent=False)
 
     def config(self) -> dict:
-        """The builder config that rebuilds this (unloaded) module: for save_base / load_base."""
+        """The builder config that rebuilds this (unloaded) module: for save_model / load_base."""
         vq = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.vqgan.cfg).items()}
         return {"kind": "maskgit-imagenet", **self.sizes, "vqgan": vq}
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import attention
 from ..tokenizer import VQTokenizer
 from .contract import MaskedBase
 
@@ -25,10 +26,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, S, D = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+        return self.proj(attention(*self.qkv(x).chunk(3, dim=-1), self.heads))
 
 
 class Block(nn.Module):

@@ -1,0 +1,83 @@
+"""The latency protocol (migm_shortcut/latency.py): which batches are timed, that every sample is
+kept in order, and that a configuration samples what the sampler samples, under fixed threads."""
+
+import time
+
+import pytest
+import torch
+import yaml
+from tiny_models import make_base, make_shortcut, one_thread  # noqa: F401 (autouse fixture)
+
+from migm_shortcut import latency
+from migm_shortcut.config import PROFILES_DIR, SamplerSetting, parse_params
+from migm_shortcut.samplers import SAMPLERS
+from migm_shortcut.sampling import feature_source, generate
+from migm_shortcut.schedules import SamplingRule
+
+CPU = torch.device("cpu")
+
+
+def test_measure_latency_excludes_warmup_and_is_sane():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        torch.ones(64, 64) @ torch.ones(64, 64)
+
+    out = latency.measure_latency(fn, warmup=2, repeats=5, batch_size=8, device="cpu")
+    assert len(calls) == 7
+    assert out["repeats"] == 5
+    assert 0 < out["p10"] <= out["median_ms_per_image"] <= out["p90"] < 1000
+    assert out["std"] >= 0
+
+
+def test_only_full_batches_after_the_warmup_are_timed():
+    # 10 samples in batches of 4: [0-3] warm-up, [4-7] timed, [8, 9] sampled but not timed.
+    batches = []
+
+    def sample_batch(ids: range) -> torch.Tensor:
+        batches.append(ids)
+        time.sleep(0.004 if ids == range(4, 8) else 0.2)  # untimed batches are slow
+        return torch.tensor(list(ids))[:, None].repeat(1, 3)
+
+    timed = latency.sample_timed(sample_batch, num_samples=10, batch_size=4, warmup_batches=1, device=CPU)
+    assert batches == [range(0, 4), range(4, 8), range(8, 10)]
+    assert torch.equal(timed.tokens[:, 0], torch.arange(10))  # every sample, in order
+    assert timed.latency["repeats"] == 1
+    assert 1.0 <= timed.latency["median_ms_per_image"] < 20  # ~4 ms / 4 images: the slow batches are out
+    assert timed.seconds >= 0.4  # the wall time counts every batch
+    record = timed.record(decoder_ms=2.0)
+    assert record["latency_with_decoder_ms"] == pytest.approx(record["latency_ms"] + 2.0)
+    assert record["latency_batch_size"] == 4 and record["peak_gpu_memory_mb"] is None
+
+
+def test_no_timed_batch_is_refused():
+    with pytest.raises(ValueError, match="no timed batch"):
+        latency.sample_timed(lambda ids: torch.zeros(len(ids), 1), num_samples=7, batch_size=4,
+                             warmup_batches=1, device=CPU)
+
+
+def test_every_sampler_name_has_its_feature_source():
+    base, shortcut = make_base(), make_shortcut()
+    assert [feature_source(name, base, shortcut).name for name in SAMPLERS] == list(SAMPLERS)
+
+
+@pytest.mark.parametrize("sampler", ["shortcut", "extrapolate"])
+def test_a_configuration_samples_what_the_sampler_samples(sampler):
+    base, shortcut = make_base(), make_shortcut()
+    sample = parse_params(yaml.safe_load((PROFILES_DIR / "smoke.yaml").read_text())).sample.model_copy(
+        update={"num_samples": 7, "batch_size": 3, "warmup_batches": 1, "threads": 2, "compile": False})
+    setting, rule = SamplerSetting(sampler=sampler, steps=6, budget=3), SamplingRule(steps=6, cfg=1.0, tau=4.5)
+    cond, seen, refresh = torch.arange(7) % 3, [], [0, 1, 4]  # a placement other than the uniform one
+    out = latency.sample_setting(setting, rule, sample, base, shortcut, cond, refresh, CPU, progress=seen.append)
+    whole = generate(base, rule, cond, list(range(7)), sample.seed, refresh=refresh,
+                     source=feature_source(sampler, base, shortcut))
+    assert torch.equal(out.tokens, whole.tokens)
+    assert seen == [3, 3, 1] and out.latency["repeats"] == 1
+
+
+def test_decoding_is_timed_on_the_sampling_threads():
+    threads = []
+    ms = latency.decoder_latency(lambda codes: threads.append(torch.get_num_threads()), torch.zeros(4, 2),
+                                 threads=2, device=CPU)
+    assert ms >= 0 and threads == [2] * 4  # one warm-up call, three timed
