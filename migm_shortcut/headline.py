@@ -11,13 +11,16 @@ MAX_LOSS = 0.05  # "the fastest configuration within 5% of the reference's quali
 MIN_SPEEDUP = 2.0  # "the best quality at 2x or faster"
 
 
-def headline(rows: list[dict], reference_steps: int, quality: Quality) -> dict[str, float]:
+def headline(rows: list[dict], reference_steps: int, quality: Quality,
+             shortcut_val_mse_ratio: float) -> dict[str, float]:
     """At most about 20 numbers; a question no measured configuration answers is left out. Rows
-    timed on different hardware raise ValueError: their speedups would mean nothing."""
+    timed on different hardware raise ValueError: their speedups would mean nothing.
+    `shortcut_val_mse_ratio`: the shortcut's validation MSE over reuse's, mean over the steps."""
     check_same_hardware(rows)
     q, ref = quality.key, reference_row(rows, reference_steps)
     shortcut = [r for r in rows if r["sampler"] == SHORTCUT]
     out = {f"reference_{q}": ref[q], "reference_latency_ms": ref["latency_ms"],
+           "shortcut_val_mse_ratio": shortcut_val_mse_ratio,
            "max_shortcut_speedup": max((r["speedup_vs_reference"] for r in shortcut), default=0.0),
            "dominating_configurations": sum(bool(r.get("dominates_slower_vanilla")) for r in rows)}
     try:

@@ -17,6 +17,7 @@ import fcntl
 import functools
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -197,23 +199,73 @@ class StageRun:
             log = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
             _retry(log, self.run_id, str(path))
 
+    def register_model(self, folder: Path, name: str, *, tags: Mapping[str, Any],
+                       description: str) -> ModelVersion:
+        """Log the MLflow model saved in `folder` as this run's artifact `model` and register it as a
+        new version of `name` (created when missing), with `tags` and `description`."""
+        _retry(self.client.log_artifacts, self.run_id, str(folder), "model")
+        try:
+            _retry(self.client.create_registered_model, name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{_retry(self.client.get_run, self.run_id).info.artifact_uri}/model"
+        return _retry(self.client.create_model_version, name, source, run_id=self.run_id,
+                      tags={k: str(v) for k, v in tags.items()}, description=description)
+
+
+@contextlib.contextmanager
+def _system_metrics(uri: str, run_id: str) -> Iterator[None]:
+    """MLflow's system metrics (CPU, memory, disk, network; GPU where pynvml finds one) go into the
+    run while the block runs, every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10)."""
+    try:
+        import psutil  # noqa: F401  MLflow's CPU monitor imports it at module level
+    except ImportError:
+        print("MLflow system metrics are off: psutil is not installed (pip install psutil)",
+              file=sys.stderr)
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()  # flushes the last samples, before the run is closed
+
 
 @contextlib.contextmanager
 def stage_run(root: Path, parent_id: str, name: str, *, params: Mapping[str, Any] | None = None,
-              tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
+              tags: Mapping[str, str] | None = None,
+              system_metrics: bool = False) -> Iterator[StageRun]:
     """A nested run under `parent_id`, started now and ended when the block ends: FINISHED, or
-    FAILED when the block raises (the error propagates)."""
-    client = _client(tracking_uri(root))
+    FAILED when the block raises (the error propagates). With `system_metrics` the machine's load
+    is logged while the block runs."""
+    uri = tracking_uri(root)
+    client = _client(uri)
     experiment_id = _retry(client.get_run, parent_id).info.experiment_id
     run = _retry(client.create_run, experiment_id, run_name=name, tags={**(tags or {}), MLFLOW_PARENT_RUN_ID: parent_id})
     stage = StageRun(client, run.info.run_id)
     status = "FAILED"
     try:
         stage.log_params(params or {})
-        yield stage
+        with _system_metrics(uri, stage.run_id) if system_metrics else contextlib.nullcontext():
+            yield stage
         status = "FINISHED"
     finally:
         _retry(client.set_terminated, stage.run_id, status)
+
+
+def tag_model_versions(root: Path, name: str, match: tuple[str, str], tags: Mapping[str, Any]) -> int:
+    """Set `tags` on every version of registered model `name` whose tag match[0] is match[1]; how
+    many there were."""
+    client = _client(tracking_uri(root))
+    found = _retry(client.search_model_versions, f"name = '{name}' and tags.`{match[0]}` = '{match[1]}'")
+    for version in found:
+        for key, value in tags.items():
+            _retry(client.set_model_version_tag, name, version.version, key, str(value))
+    return len(found)
 
 
 def child_run(
@@ -237,20 +289,3 @@ def child_run(
         _log(run.client, run.run_id, metrics=points + _numbers(metrics or {}, 0))  # one batch, not one call a step
         run.log_artifacts(artifacts)
     return run.run_id
-
-
-def log_model_checkpoint(
-    root: Path, run_id: str, path: Path, config: Mapping[str, Any] | Path | None = None
-) -> None:
-    """Attach a safetensors checkpoint and its config (a JSON file or a dict) under `checkpoint/`.
-
-    Plain artifacts rather than `mlflow.pytorch.log_model`: that pickles or exports the module
-    (pt2, with an input example) and needs this package importable to load it back, whereas the
-    project's own loader reads exactly these two files.
-    """
-    client = _client(tracking_uri(root))
-    _retry(client.log_artifact, run_id, str(path), "checkpoint")
-    if isinstance(config, Mapping):
-        _retry(client.log_dict, run_id, dict(config), "checkpoint/config.json")
-    elif config is not None:
-        _retry(client.log_artifact, run_id, str(config), "checkpoint")

@@ -20,8 +20,8 @@ from migm_shortcut.tokenizer import VQTokenizer
 from migm_shortcut.train_base import train_base
 from migm_shortcut.training import TrainingState
 
-from .common import (BASE, CODES, PROMPT_IDS, TOKENIZER, device, log_stage, no_training_curve, params, read_json,
-                     stage_args, training_run, write_json)
+from .common import (BASE, CODES, PROMPT_IDS, TOKENIZER, device, no_training_curve, params, read_json,
+                     stage_args, stage_run, training_run, write_json)
 
 OUT = BASE.parent
 RESUME = Path(".migm") / "resume" / "base.pt"  # outside DVC's outputs, which a rerun deletes first
@@ -51,13 +51,14 @@ def load_published(p, files: dict[str, str]):
 
 def import_published(p) -> None:
     b, files = p.base, {k: path for k, (path, _) in p.published_files().items()}
-    base, extra = load_published(p, files)
-    config = {**base.config(), **extra, "hash": weights_hash(base.state_dict())}
-    save_model(BASE, base, config)
-    metrics = {"transformer_parameters": base.transformer_parameters(), "imported": True}
-    write_json(OUT / "metrics.json", metrics)
-    no_training_curve("base")
-    log_stage(p, "base", params={"name": b.name, **files}, metrics=metrics)
+    with stage_run(p, "base", params={"name": b.name, **files}) as run:
+        base, extra = load_published(p, files)
+        config = {**base.config(), **extra, "hash": weights_hash(base.state_dict())}
+        save_model(BASE, base, config)
+        metrics = {"transformer_parameters": base.transformer_parameters(), "imported": True}
+        write_json(OUT / "metrics.json", metrics)
+        no_training_curve("base")
+        run.log_metrics(metrics)
     print(f"base: imported {b.name} ({metrics['transformer_parameters'] / 1e6:.1f}M transformer parameters)")
 
 

@@ -32,6 +32,7 @@ CLASSIFIER = DATA / "classifier" / "model.safetensors"
 INCEPTION_REFERENCE = DATA / "reference" / "inception.npz"
 BASE = DATA / "base" / "model.safetensors"
 SHORTCUT = DATA / "shortcut" / "model.safetensors"
+SHORTCUT_METRICS = DATA / "shortcut" / "metrics.json"
 PLACEMENT = DATA / "shortcut" / "placement.json"  # the learned refresh steps (migm_shortcut.placement)
 SAMPLES = DATA / "samples"
 
@@ -168,9 +169,10 @@ def source_tags(commit: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def stage_run(p: Params, name: str, *, params: dict | None = None):
-    """The MLflow child run of a working stage, open while the block runs (FAILED if it raises):
-    pass its `log` as a training loop's callback and the curve is logged as it happens."""
-    with tracking.stage_run(project_root(), parent_run(p), name, params=params,
+    """The MLflow child run of a working stage, open while the block runs (FAILED if it raises),
+    with the machine's load logged meanwhile: pass its `log` as a training loop's callback and the
+    curve is logged as it happens."""
+    with tracking.stage_run(project_root(), parent_run(p), name, params=params, system_metrics=True,
                             tags=source_tags(_git("rev-parse", "HEAD"))) as run:
         yield run
 

@@ -1,9 +1,10 @@
 """Stage `evaluate`: quality metrics of every sample set, speedups, the report and the Pareto plot.
 
-Every sample folder is checked before anything is computed or logged: a missing or damaged one
-stops the stage with its name, and earlier reports and MLflow runs stay as they were. Samples are
-stored as tokens; they are decoded here batch by batch and go straight into the feature extractors
-(`migm_shortcut.evaluation`), so memory holds features, never a whole sample set's pixels.
+Every sample folder is checked before anything is computed: a missing or damaged one stops the
+stage with its name (the stage's MLflow run FAILED), and earlier reports and runs stay as they
+were. Samples are stored as tokens; they are decoded here batch by batch and go straight into the
+feature extractors (`migm_shortcut.evaluation`), so memory holds features, never a whole sample
+set's pixels.
 
 The headline quality (`fid` in every row) is FID on the standard Inception-v3 features when they
 are computed: a published base always (against the reference batch's features, and
@@ -29,9 +30,11 @@ from migm_shortcut.headline import headline, plot_rows
 from migm_shortcut.metrics import ClipScore, InceptionFeatures, noise_floor
 from migm_shortcut.report import CLIP_SCORE, Quality, add_comparisons, markdown_table, pareto_plot
 from migm_shortcut.sample_folders import read_sample_set
+from migm_shortcut.shortcut_model import registered_name, tag_with_headline
 
-from .common import (BASE, CLASSIFIER, DATA, INCEPTION_REFERENCE, PROMPTS, SAMPLES, SPLITS, decode_batch, device,
-                     log_stage, params, read_json, sampler_params, stage_args, write_json)
+from .common import (BASE, CLASSIFIER, DATA, INCEPTION_REFERENCE, PROMPTS, SAMPLES, SHORTCUT, SHORTCUT_METRICS,
+                     SPLITS, decode_batch, device, log_stage, params, project_root, read_json, sampler_params,
+                     stage_args, stage_run, write_json)
 
 OUT = DATA / "report"
 
@@ -62,6 +65,12 @@ def feature_spaces(p, dev) -> tuple[list[FeatureSpace], torch.nn.Module | None]:
 def main(argv=None) -> None:
     stage_args(__doc__, argv)
     p, dev = params(), device()
+    with stage_run(p, "evaluate", params=p.evaluate.model_dump()) as run:
+        evaluate(p, dev, run)
+
+
+def evaluate(p, dev, run) -> None:
+    """Score every sample set, write the report, log each configuration's run and the stage's."""
     start = time.perf_counter()
     base = load_base(BASE, dev)
     sets = {s.name: load_sample_set(s.name, p.sample.num_samples, base.num_tokens) for s in p.sample.settings()}
@@ -91,7 +100,8 @@ def main(argv=None) -> None:
     note = metric_caption(spaces, floors, inception, p.evaluate.clip_model if p.is_text_to_image else None)
     (OUT / "report.md").write_text(markdown_table(rows, p.sampling.steps, quality, note))
     write_json(OUT / "pareto.json", plot_rows(rows, quality))
-    write_json(OUT / "headline.json", headline(rows, p.sampling.steps, quality))
+    head = headline(rows, p.sampling.steps, quality, read_json(SHORTCUT_METRICS)["val_mse_ratio_mean"])
+    write_json(OUT / "headline.json", head)
     summary["seconds"] = time.perf_counter() - start
     write_json(OUT / "metrics.json", {"summary": summary, **{r["name"]: r for r in rows}})
 
@@ -99,8 +109,9 @@ def main(argv=None) -> None:
         numbers = {k: v for k, v in r.items() if isinstance(v, (int, float)) and k not in ("steps", "budget")}
         log_stage(p, r["name"], params=sampler_params(p, r), metrics=numbers,
                   artifacts=[SAMPLES / r["name"] / "grid.png"])
-    log_stage(p, "evaluate", params=p.evaluate.model_dump(), metrics=summary,
-              artifacts=[OUT / "pareto.png", OUT / "report.md", OUT / "metrics.json"])
+    run.log_metrics(summary)
+    tag_with_headline(project_root(), registered_name(p.tracking.experiment), SHORTCUT, head)
+    run.log_artifacts([OUT / "pareto.png", OUT / "report.md", OUT / "metrics.json"])
     print((OUT / "report.md").read_text())
     print(f"evaluate: {len(rows)} configurations, {q} on {scores.rows[0].get(q + '_samples', '')} samples each")
 

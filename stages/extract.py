@@ -18,7 +18,7 @@ from migm_shortcut.extract import extract, merge_stats, open_or_replace_store
 from migm_shortcut.schedules import SamplingRule
 from migm_shortcut.store import store_bytes
 
-from .common import BASE, DATA, device, log_stage, params, prompt_conditions, write_json
+from .common import BASE, DATA, device, params, prompt_conditions, stage_run, write_json
 
 METRICS = DATA / "extract" / "metrics.json"
 
@@ -44,6 +44,14 @@ def main(argv=None) -> None:
         if args.workers != 1:
             parser.error("under torchrun the ranks are the workers: drop --worker/--workers")
         args.worker, args.workers = distributed.rank(), distributed.world_size()
+    worker = {"worker": args.worker, "workers": args.workers}
+    with stage_run(p, "extract", params={**p.extract.model_dump(), **worker}) as run:
+        fill_store(p, args, dev, run)
+
+
+def fill_store(p, args, dev, run) -> None:
+    """Create or open the store and extract this worker's units; the main worker writes the metrics
+    once the store is complete."""
     base = load_base(BASE, dev)
     with distributed.main_first():  # creating a store is not safe to race
         store = prepare_store(p, base)
@@ -69,7 +77,7 @@ def main(argv=None) -> None:
                "write_megabytes_per_second": size / 2**20 * stats["samples_written"] / store.num_samples / stats["seconds"]
                if stats["samples_written"] else 0.0, "workers": args.workers}
     write_json(METRICS, metrics)
-    log_stage(p, "extract", params=p.extract.model_dump(), metrics=metrics)
+    run.log_metrics(metrics)
     print(f"extract: {store.num_samples} trajectories, {metrics['store_megabytes']:.0f} MB, "
           f"{stats['samples_per_second']:.1f} samples/s this run")
 

@@ -15,7 +15,8 @@ import torch
 from migm_shortcut.data import iter_reference_images, load_splits, to_float
 from migm_shortcut.metrics import InceptionFeatures
 
-from .common import DATA, INCEPTION_REFERENCE as FEATURES, SPLITS, device, log_stage, params, stage_args, write_json
+from .common import INCEPTION_REFERENCE as FEATURES
+from .common import DATA, SPLITS, device, params, stage_args, stage_run, write_json
 
 OUT = FEATURES.parent
 METRICS = DATA / "metrics" / "reference.json"
@@ -41,15 +42,16 @@ def main(argv=None) -> None:
         write_json(METRICS, {"num_reference": 0})
         print("reference: no Inception features needed (evaluate.inception is off, or text to image)")
         return
-    start = time.perf_counter()
-    inception = InceptionFeatures(device=dev, dtype=getattr(torch, p.evaluate.inception_dtype))
-    feats = torch.cat([inception(to_float(x.to(dev))).cpu() for x in reference_images(p)])
-    np.savez(OUT / "inception.tmp.npz", inception=feats.numpy())
-    (OUT / "inception.tmp.npz").replace(FEATURES)
-    seconds = time.perf_counter() - start
-    metrics = {"num_reference": len(feats), "seconds": seconds, "images_per_second": len(feats) / seconds}
-    write_json(METRICS, metrics)
-    log_stage(p, "reference", params={"evaluate.reference": p.evaluate.reference}, metrics=metrics)
+    with stage_run(p, "reference", params={"evaluate.reference": p.evaluate.reference}) as run:
+        start = time.perf_counter()
+        inception = InceptionFeatures(device=dev, dtype=getattr(torch, p.evaluate.inception_dtype))
+        feats = torch.cat([inception(to_float(x.to(dev))).cpu() for x in reference_images(p)])
+        np.savez(OUT / "inception.tmp.npz", inception=feats.numpy())
+        (OUT / "inception.tmp.npz").replace(FEATURES)
+        seconds = time.perf_counter() - start
+        metrics = {"num_reference": len(feats), "seconds": seconds, "images_per_second": len(feats) / seconds}
+        write_json(METRICS, metrics)
+        run.log_metrics(metrics)
     print(f"reference: Inception features of {len(feats)} images ({metrics['images_per_second']:.1f} images/s)")
 
 

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from migm_shortcut.bases import load_base
+from migm_shortcut.config import SamplerSetting
 from migm_shortcut.hardware import hardware_identity
 from migm_shortcut.images import grid_images, grid_samples
 from migm_shortcut.latency import decoder_latency, sample_setting
@@ -30,7 +31,8 @@ from migm_shortcut.samplers import SHORTCUT as SHORTCUT_SAMPLER
 from migm_shortcut.schedules import SamplingRule
 from migm_shortcut.shortcut import compiled, load_shortcut
 
-from .common import BASE, PLACEMENT, SAMPLES, SHORTCUT, decode_batch, device, params, prompt_conditions
+from .common import (BASE, PLACEMENT, SAMPLES, SHORTCUT, decode_batch, device, params, prompt_conditions,
+                     stage_run)
 
 
 def main(argv=None) -> None:
@@ -48,6 +50,15 @@ def main(argv=None) -> None:
         if unknown := set(args.only) - {setting.name for setting in s.settings()}:
             parser.error(f"unknown configurations {sorted(unknown)}")
         settings = [setting for setting in settings if setting.name in args.only]
+    worker = {"worker": args.worker, "workers": args.workers}
+    with stage_run(p, "sample", params={**s.model_dump(), **worker}) as run:
+        sample_grid(p, settings, dev, run, whole_grid=args.workers == 1 and not args.only)
+
+
+def sample_grid(p, settings: list[SamplerSetting], dev, run, *, whole_grid: bool) -> None:
+    """Sample the settings whose folders are not already right; `whole_grid`: also drop the folders
+    of configurations no longer in the grid."""
+    s = p.sample
     base = load_base(BASE, dev)
     if s.compile:
         base.compile_features()
@@ -59,9 +70,10 @@ def main(argv=None) -> None:
     prints = {setting.name: fingerprint(setting, rules[setting.name], s, base.base_id, shortcut_id,
                                         plans[setting.name], prompts) for setting in settings}
     todo = [setting for setting in settings if not is_up_to_date(SAMPLES / setting.name, prints[setting.name])]
-    if args.workers == 1 and not args.only:  # the whole grid: drop folders of configurations no longer in it
+    if whole_grid:
         remove_other_folders(SAMPLES, {setting.name for setting in settings})
     print(f"sample: {len(settings) - len(todo)} of {len(settings)} configurations already done")
+    run.log_metrics({"configurations": len(settings), "configurations_sampled": len(todo)})
     if not todo:
         return
     needs_shortcut = any(setting.sampler == SHORTCUT_SAMPLER for setting in todo)

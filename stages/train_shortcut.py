@@ -17,13 +17,14 @@ from migm_shortcut.bases import load_base
 from migm_shortcut.checkpoint import save_model
 from migm_shortcut.schedules import SamplingRule
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec
+from migm_shortcut.shortcut_model import register_shortcut, registered_name
 from migm_shortcut.store import PairDataset, TrajectoryStore
-from migm_shortcut.tracking import log_model_checkpoint
 from migm_shortcut.train_shortcut import (measure_placements, rollout_budgets, train_shortcut, validate_rollout,
                                           validate_shortcut, validation_summary)
 from migm_shortcut.training import TrainingState
 
-from .common import BASE, PLACEMENT, SHORTCUT, device, params, project_root, stage_args, training_run, write_json
+from .common import (BASE, PLACEMENT, SHORTCUT, SHORTCUT_METRICS, device, params, project_root, stage_args,
+                     training_run, write_json)
 
 OUT = SHORTCUT.parent
 RESUME = Path(".migm") / "resume" / "train_shortcut.pt"  # outside DVC's outputs, which a rerun deletes first
@@ -64,19 +65,20 @@ def main(argv=None) -> None:
         placement = measure_placements(model, base, store, range(num_train, store.num_samples), p.sampling,
                                        p.sample.shortcut, dev)
         placement_seconds = time.perf_counter() - start
-        config = {"kind": "shortcut", "spec": spec.to_dict(), "base_id": base.base_id,
-                  "trained_on_steps": store.steps, "updates": s.steps}
-        save_model(SHORTCUT, model, config)
+        save_model(SHORTCUT, model, {"kind": "shortcut", "spec": spec.to_dict(), "base_id": base.base_id,
+                                     "trained_on_steps": store.steps, "updates": s.steps})
         size = sum(t.numel() for t in model.parameters())
         metrics = {**validation_summary(per_step, rollout, size, base.transformer_parameters()),
                    "final_loss": curve.points[-1]["loss"], "placement_seconds": placement_seconds}
-        write_json(OUT / "metrics.json", metrics)
+        write_json(SHORTCUT_METRICS, metrics)
         write_json(OUT / "val_per_step.json", per_step)
         write_json(OUT / "rollout.json", rollout)
         write_json(PLACEMENT, placement)
         curve.run.log(s.steps, metrics)
         curve.run.log_artifacts([OUT / "val_per_step.json", OUT / "rollout.json", PLACEMENT])
-        log_model_checkpoint(project_root(), curve.run.run_id, SHORTCUT, config)
+        # The real project's base, not a `dvc exp run` copy's, which is deleted after the run.
+        register_shortcut(curve.run, registered_name(p.tracking.experiment), SHORTCUT, base,
+                          project_root() / BASE, rule, min(budgets, default=store.steps), metrics)
         state.remove()
     print(f"shortcut: val MSE / reuse MSE {metrics['val_mse_ratio_mean']:.2f} mean, {metrics['val_mse_ratio_last']:.2f} last step, "
           f"{metrics['val_mse_ratio_max']:.2f} worst; {metrics['parameter_fraction_of_base']:.1%} of the base's parameters")

@@ -8,9 +8,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("migm_shortcut", "stages")
-# Modules that only log to MLflow or switch telemetry off: a change there alters no DVC output, and
-# listing them would rerun the whole pipeline for a logging fix.
-NO_OUTPUT_EFFECT = {"migm_shortcut/telemetry.py", "migm_shortcut/tracking.py"}
+# Modules that only log to MLflow or switch telemetry off: a change there (or in what only they
+# import) alters no DVC output, and listing them would rerun the whole pipeline for a logging fix.
+NO_OUTPUT_EFFECT = {"migm_shortcut/telemetry.py", "migm_shortcut/tracking.py", "migm_shortcut/shortcut_model.py"}
 
 
 def module_file(name: str) -> Path | None:
@@ -53,7 +53,7 @@ def project_imports(module: str) -> set[str]:
             rel = path.relative_to(REPO).as_posix() if path else None
             if rel and rel not in seen:
                 seen.add(rel)
-                todo += imported_modules(path)
+                todo += imported_modules(path) if rel not in NO_OUTPUT_EFFECT else []
     return seen
 
 

@@ -1,17 +1,24 @@
 """The headline metrics and the plot rows of an evaluated grid."""
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
+from migm_shortcut.config import PROFILES_DIR, load_params
 from migm_shortcut.hardware import hardware_identity
 from migm_shortcut.headline import headline, plot_rows
 from migm_shortcut.report import CLIP_SCORE, FID
 from test_pick import ROWS
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def test_headline_answers_the_budget_questions():
-    h = headline(ROWS, 8, FID)
-    assert h == {"reference_fid": 20.0, "reference_latency_ms": 8.0, "max_shortcut_speedup": 8.0 / 3.5,
+    h = headline(ROWS, 8, FID, 0.4)
+    assert h == {"reference_fid": 20.0, "reference_latency_ms": 8.0, "shortcut_val_mse_ratio": 0.4,
+                 "max_shortcut_speedup": 8.0 / 3.5,
                  "dominating_configurations": 0, "speedup_within_5pct_loss": 8.0 / 3.5, "fid_within_5pct_loss": 20.8,
                  "best_fid_at_2x": 20.8}
     assert all(isinstance(v, (int, float)) for v in h.values()) and len(h) <= 20
@@ -20,7 +27,7 @@ def test_headline_answers_the_budget_questions():
 def test_headline_leaves_out_what_no_configuration_answers_and_adds_paired_differences():
     rows = [r for r in ROWS if r["sampler"] == "vanilla"]  # nothing faster than the reference within 5%
     rows += [{**ROWS[2], "fid": 30.0, "fid_minus_reuse": -1.5, "dominates_slower_vanilla": True}]
-    h = headline(rows, 8, FID)
+    h = headline(rows, 8, FID, 0.4)
     assert "speedup_within_5pct_loss" not in h and h["best_fid_at_2x"] == 30.0
     assert h["shortcut-N8-B3_fid_minus_reuse"] == -1.5 and h["dominating_configurations"] == 1
 
@@ -37,13 +44,27 @@ def test_plot_rows_carry_a_generic_quality_field():
 def test_rows_from_different_hardware_do_not_compare():
     here = {"hardware": "Xeon", "threads": 2, "torch": "2.13.0"}
     rows = [{**r, **here} for r in ROWS]
-    assert headline(rows, 8, FID)["reference_fid"] == 20.0
+    assert headline(rows, 8, FID, 0.4)["reference_fid"] == 20.0
     rows[3] = {**rows[3], "hardware": "NVIDIA H200"}
     with pytest.raises(ValueError, match="vanilla-N4 was timed with hardware='Xeon', shortcut-N8-B4 with "
                                          "hardware='NVIDIA H200'"):
-        headline(rows, 8, FID)
+        headline(rows, 8, FID, 0.4)
 
 
 def test_hardware_identity_names_this_machine():
     identity = hardware_identity(torch.device("cpu"), 3)
     assert identity["threads"] == 3 and identity["torch"] == torch.__version__ and identity["hardware"]
+
+
+def test_the_one_dvc_metrics_file_is_the_headline_within_20_columns():
+    """`dvc exp show` and `dvc metrics diff` show every key of every metrics file dvc.yaml declares:
+    only the headline, whose keys on the default grid (every question answered) stay within 20."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    declared = [path for stage in stages.values() for entry in stage.get("metrics", [])
+                for path in (entry if isinstance(entry, dict) else [entry])]
+    assert declared == ["data/report/headline.json"]
+    p = load_params(PROFILES_DIR / "default.yaml")
+    rows = [{"name": s.name, "sampler": s.sampler, "steps": s.steps, "budget": s.budget,
+             "latency_ms": float(s.budget), "speedup_vs_reference": p.sampling.steps / s.budget,
+             "fid": 20.0, "fid_minus_reuse": 0.0} for s in p.sample.settings()]
+    assert len(headline(rows, p.sampling.steps, FID, 0.4)) <= 20

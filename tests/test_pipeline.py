@@ -4,6 +4,8 @@ import json
 import shutil
 import sys
 
+import mlflow.pyfunc
+import numpy as np
 import pytest
 import yaml
 from conftest import run
@@ -64,11 +66,25 @@ def test_mlflow_lists_every_configuration_with_budget_latency_and_fid(project):
         assert run_.data.metrics["fid"] > 0 and run_.data.metrics["latency_ms"] > 0
     # the training curve ends at the last update, on the loss the stage reports as final
     losses = client.get_metric_history(children["shortcut"].info.run_id, "loss")
-    final = json.loads((project / "data/shortcut/metrics.json").read_text())["final_loss"]
+    final_metrics = json.loads((project / "data/shortcut/metrics.json").read_text())
+    final = final_metrics["final_loss"]
     assert max(m.step for m in losses) == p.shortcut.steps
     assert max(losses, key=lambda m: m.step).value == pytest.approx(final)
-    artifacts = {a.path for a in client.list_artifacts(children["shortcut"].info.run_id, "checkpoint")}
-    assert "checkpoint/model.safetensors" in artifacts
+    artifacts = {a.path for a in client.list_artifacts(children["shortcut"].info.run_id, "model/artifacts")}
+    assert "model/artifacts/model.safetensors" in artifacts
+    version = client.search_model_versions(f"run_id = '{children['shortcut'].info.run_id}'")[0]
+    assert float(version.tags["val_mse_ratio_mean"]) == pytest.approx(final_metrics["val_mse_ratio_mean"])
+    headline = json.loads((project / "data/report/headline.json").read_text())
+    assert float(version.tags["headline.reference_fid"]) == pytest.approx(headline["reference_fid"])
+    for run_ in (children["shortcut"], children["sample"], children["evaluate"]):  # open while working
+        assert run_.info.status == "FINISHED" and run_.info.end_time - run_.info.start_time > 1000
+
+
+def test_the_registered_shortcut_samples_through_mlflow(project, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlruns.db'}")
+    model = mlflow.pyfunc.load_model("models:/migm-shortcut-shortcut/latest")
+    images = model.predict(np.arange(4), params={"decode": True})
+    assert images.shape[0] == 4 and images.dtype == np.uint8
 
 
 def test_corrupt_sample_set_fails_clearly_and_loses_nothing(project):
@@ -84,7 +100,9 @@ def test_corrupt_sample_set_fails_clearly_and_loses_nothing(project):
         assert out.returncode != 0
         assert "vanilla-N4" in out.stderr and "corrupt" in out.stderr
         assert (project / "data/report/metrics.json").read_bytes() == report_before
-        assert len(client.search_runs([exp.experiment_id], max_results=500)) == runs_before
+        runs = client.search_runs([exp.experiment_id], max_results=500, order_by=["attributes.start_time DESC"])
+        assert len(runs) == runs_before + 1  # the stage's own run, FAILED; no configuration's run
+        assert (runs[0].info.run_name, runs[0].info.status) == ("evaluate", "FAILED")
     finally:
         victim.write_bytes(saved)
 

@@ -29,7 +29,7 @@ def test_tracking_uri(root: Path, monkeypatch: pytest.MonkeyPatch):
     assert tracking.tracking_uri(root) == "sqlite:////elsewhere/x.db"
 
 
-def test_parent_children_curve_and_checkpoint(root: Path):
+def test_parent_children_and_curve(root: Path):
     state = root / ".mlflow_parent_run"
     kwargs = dict(params={"evaluate": {"bootstrap": 10}}, tags={"git_commit": "abc"}, state_file=state)
     parent = tracking.pipeline_run(root, "test-exp", "pipeline", key="abc-p1", **kwargs)
@@ -53,10 +53,6 @@ def test_parent_children_curve_and_checkpoint(root: Path):
         for budget in (6, 8)
     }
     curve = tracking.child_run(root, parent, "train-shortcut", history=[{"step": s, "loss": 1.0 / (s + 1)} for s in range(5)])
-    ckpt, config = root / "model.safetensors", root / "config.json"
-    ckpt.write_bytes(b"\0" * 16)
-    config.write_text("{}")
-    tracking.log_model_checkpoint(root, curve, ckpt, config)
 
     client = MlflowClient(tracking_uri=tracking.tracking_uri(root))
     experiment = client.get_experiment_by_name("test-exp")
@@ -72,7 +68,6 @@ def test_parent_children_curve_and_checkpoint(root: Path):
         assert [a.path for a in client.list_artifacts(run_id)] == ["samples.txt"]
     assert client.get_run(parent).data.params == {"evaluate.bootstrap": "10"}
     assert [m.step for m in client.get_metric_history(curve, "loss")] == list(range(5))
-    assert {a.path for a in client.list_artifacts(curve, "checkpoint")} == {"checkpoint/model.safetensors", "checkpoint/config.json"}
     assert not any(Path.cwd().iterdir())  # no ./mlruns or ./mlflow.db in the working directory
 
     # A deleted parent is replaced, never restored or reused; the old run stays in the store.
