@@ -5,6 +5,8 @@ and of class accuracy. A published base or text to image: no classifier (their q
 Inception FID, whose reference features stage `reference` computes, or CLIPScore).
 """
 
+import torch
+
 from migm_shortcut.checkpoint import save_model
 from migm_shortcut.classifier import DomainClassifier, accuracy, fit_classifier
 from migm_shortcut.data import load_splits
@@ -29,6 +31,7 @@ def main(argv=None) -> None:
     splits = load_splits(SPLITS)
     config = dict(num_classes=splits["train"].num_classes, feature_dim=p.classifier.feature_dim,
                   channels=splits["train"].images.shape[1])
+    torch.manual_seed(p.classifier.seed)  # the initial weights too come from the seed, not from the process
     model = DomainClassifier(**config)
     with training_run(p, "classifier", params=p.classifier.model_dump()) as curve:
         metrics = fit_classifier(model, splits["train"], splits["val"], steps=p.classifier.steps,

@@ -6,6 +6,7 @@ text tokenizer (data/tokenizer/prompts.json: ids per prompt set, and the uncondi
 """
 
 import numpy as np
+import torch
 
 from migm_shortcut.checkpoint import save_model
 from migm_shortcut.data import load_splits
@@ -51,6 +52,7 @@ def main(argv=None) -> None:
         return
     splits = load_splits(SPLITS)
     config = tokenizer_config(p.tokenizer, p.data.image_size, channels=splits["train"].images.shape[1])
+    torch.manual_seed(p.tokenizer.seed)  # the initial weights too come from the seed, not from the process
     model = VQTokenizer(**config)
     with training_run(p, "tokenizer", params=p.tokenizer.model_dump()) as curve:
         metrics = fit_tokenizer(model, splits["train"].images, splits["val"].images, steps=p.tokenizer.steps,
