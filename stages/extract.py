@@ -44,8 +44,9 @@ def main(argv=None) -> None:
         if args.workers != 1:
             parser.error("under torchrun the ranks are the workers: drop --worker/--workers")
         args.worker, args.workers = distributed.rank(), distributed.world_size()
-    worker = {"worker": args.worker, "workers": args.workers}
-    with stage_run(p, "extract", params={**p.extract.model_dump(), **worker}) as run:
+    worker = {"worker": args.worker, "workers": args.workers, "device": str(dev)}
+    name = "extract" if args.workers == 1 else f"extract-worker-{args.worker}"  # one run per worker
+    with stage_run(p, name, params={**p.extract.model_dump(), **worker}) as run:
         fill_store(p, args, dev, run)
 
 
@@ -64,9 +65,8 @@ def fill_store(p, args, dev, run) -> None:
     stats = merge_stats(distributed.gather(stats))  # waits for every rank: then all units are written
     if not distributed.is_main():
         return
-    if not store.is_complete():  # one worker of several: its own run, the whole store's comes last
-        setting = {"worker": args.worker, "workers": args.workers, "device": str(dev)}
-        log_stage(p, f"extract-worker-{args.worker}", params=setting, metrics=stats)
+    if not store.is_complete():  # one worker of several: its own numbers; the whole store's come last
+        run.log_metrics(stats)
         print(f"extract: worker {args.worker} done; other workers' units are still pending")
         return
     if stats["samples_written"] == 0 and METRICS.is_file():
