@@ -22,8 +22,8 @@ from torch import Tensor
 
 from .data import to_float
 from .images import to_uint8
-from .metrics import (ClassifierFeatures, bootstrap_fids, compute_metrics, extract_features, fid_interval,
-                      fid_to_stats, knn_radii, mean_interval, paired_fid_difference)
+from .metrics import (ClassifierFeatures, ReferenceStats, bootstrap_fids, compute_metrics, extract_features,
+                      fid_interval, fid_to_stats, knn_radii, mean_interval, paired_fid_difference)
 from .report import Quality
 from .samplers import BASELINES, SHORTCUT, VANILLA
 
@@ -86,6 +86,7 @@ def fid_scores(base, sets: dict, spaces: list[FeatureSpace], dev, *, batch_size:
     `dataset_stats` (mu, sigma of the first space's features, e.g. a published reference batch's
     dataset statistics) give `fid_dataset_stats`, the figure the literature reports."""
     radii = {s.key: knn_radii(s.reference) for s in spaces if s.all_metrics}  # once, not per set
+    stats = {s.key: ReferenceStats.of(s.reference) for s in spaces}  # likewise
     extractors = {s.key: (s.extractor, s.num_samples) for s in spaces}
     if classifier is not None:
         extractors["logits"] = (classifier, None)
@@ -101,7 +102,7 @@ def fid_scores(base, sets: dict, spaces: list[FeatureSpace], dev, *, batch_size:
                 row |= _prefixed(compute_metrics(real, fake, fake_logits=logits, labels=labels,
                                                  kid_subset_size=size, real_radii=radii.get(space.key)), space.key)
             # One seed for every set: the resamples of two sets pair up (paired_fid_difference).
-            bootstraps[space.key][name] = bootstrap_fids(real, fake, resamples=bootstrap)
+            bootstraps[space.key][name] = bootstrap_fids(stats[space.key], fake, resamples=bootstrap)
             row |= {space.key: bootstraps[space.key][name][0], f"{space.key}_samples": len(fake),
                     **_prefixed(fid_interval(*bootstraps[space.key][name]), space.key)}
         if dataset_stats is not None:
