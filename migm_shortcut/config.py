@@ -147,6 +147,9 @@ class ShortcutConfig(Section):
     # kl_weight * T^2 KL(true || predicted) at temperature T; 0 = MSE only (the paper's README).
     kl_weight: float = Field(0.0, ge=0)
     kl_temperature: float = Field(1.0, gt=0)
+    # position: plain MSE over the loss positions; step: each step's error in units of reuse's
+    # there, so late steps (small changes, few positions) weigh as much as early ones
+    loss_weighting: Literal["position", "step"] = "position"
     steps: int = Field(3000, ge=1)
     # Counted in items, one CFG branch each: a batch holds both branches of each (sample, step).
     batch_size: int = Field(64, ge=2, multiple_of=2)

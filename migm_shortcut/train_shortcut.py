@@ -21,8 +21,12 @@ from .store import PairDataset, TrajectoryBatchSampler, TrajectoryStore, pair_ma
 from .training import EMA, Log, TrainingState, autocast, check_finite
 
 
-def _loss_mask(base: MaskedBase, next_masked: torch.Tensor) -> torch.Tensor:
-    """Feature positions [B, S] whose loss counts: image positions still masked in the next state."""
+def loss_positions(base: MaskedBase, next_masked: torch.Tensor, context) -> torch.Tensor:
+    """Feature positions [B, S] whose error counts in a pair: image positions still masked in the
+    next state (`next_masked`, MaskGIT), or every real position for bases that give the shortcut
+    a context (DiMOO, SPEC section 9; prompt padding excluded)."""
+    if context is not None:
+        return context.valid
     mask = torch.zeros(len(next_masked), base.seq_len, dtype=torch.bool, device=next_masked.device)
     mask[:, base.image_positions] = next_masked
     return mask
@@ -39,14 +43,13 @@ def shortcut_step(shortcut: Shortcut, base: MaskedBase, feature, tokens, order, 
     """One shortcut prediction of f_{step+1} from f_step, as the sampler makes it.
 
     cond: each item's branch condition (`branch_cond`), for bases that give the shortcut a context.
-    Returns the prediction and the loss mask: positions still masked in state step+1 (MaskGIT), or
-    every real position for context bases (DiMOO, SPEC section 9; prompt padding excluded)."""
+    Returns the prediction and the loss mask (`loss_positions`)."""
     new_mask, next_masked, next_ratio = pair_masks(order, step)
     context = None if cond is None else base.shortcut_context(cond)
     # In the sampler the current tokens hold the committed ids at new positions; the true final
     # tokens hold the same ids there, so the embedding the shortcut sees is identical.
     pred = shortcut(feature, base.embed_tokens(tokens), new_mask, next_ratio, context=context)
-    return pred, _loss_mask(base, next_masked) if context is None else context.valid
+    return pred, loss_positions(base, next_masked, context)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,12 +82,15 @@ def cond_then_uncond(batch: dict) -> dict:
 
 
 def shortcut_loss(model, base: MaskedBase, batch: dict, *, unroll: int, kl_weight: float = 0.0,
-                  kl_temperature: float = 1.0, rule: SamplingRule | None = None) -> tuple[torch.Tensor, dict]:
+                  kl_temperature: float = 1.0, rule: SamplingRule | None = None,
+                  step_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The training loss of one batch in the sampler's layout (`cond_then_uncond`), and its terms.
 
     Chains `unroll` shortcut steps from the true f_s, each fed the previous prediction; every step
     adds MSE on its loss positions and, with kl_weight > 0, kl_weight times the distillation KL of
     the guided token distribution (the one sampling draws from) on the same image positions.
+    step_scale [N - 1] (`reuse_error_per_step`): the MSE term is then each item's squared error in
+    units of reuse's at its step, averaged over items, so that every step weighs the same.
     Means are over the global batch: a rank's sums over all ranks' positions, times the world size
     that DDP's gradient average divides by again."""
     world = distributed.world_size()
@@ -93,7 +99,11 @@ def shortcut_loss(model, base: MaskedBase, batch: dict, *, unroll: int, kl_weigh
         step = batch["step"] + j
         x, mask = shortcut_step(model, base, x, batch["tokens"], batch["order"], step, cond)
         target = batch["targets"][:, j]
-        mse = masked_mean(squared_error(x, target), mask, distributed.all_sum(mask.sum()))
+        if step_scale is None:
+            mse = masked_mean(squared_error(x, target), mask, distributed.all_sum(mask.sum()))
+        else:
+            per_item = (squared_error(x, target) * mask).sum(1) / step_scale[step]
+            mse = per_item.sum() / distributed.all_sum(torch.tensor(len(per_item), device=x.device))
         terms["mse"] = terms["mse"] + mse * world / unroll
         if kl_weight:
             pairs = step.chunk(2)[0] + 1  # the predicted feature's step
@@ -102,6 +112,31 @@ def shortcut_loss(model, base: MaskedBase, batch: dict, *, unroll: int, kl_weigh
             positions = mask.chunk(2)[0][:, base.image_positions]
             terms["kl"] = terms["kl"] + masked_mean(kl, positions, distributed.all_sum(positions.sum())) * world / unroll
     return terms["mse"] + kl_weight * terms["kl"], terms
+
+
+@torch.no_grad()
+def reuse_error_per_step(base: MaskedBase, pairs: PairDataset, *, device: torch.device,
+                         batch_size: int = 256) -> torch.Tensor:
+    """[N - 1] float32: at each step s, reuse's teacher-forced error (the squared change f_s ->
+    f_{s+1} over an item's loss positions, summed) averaged over `pairs`' items, both branches.
+
+    The scale of `shortcut_loss`'s step weighting. Late steps change the feature less (few
+    positions are left to predict), so plain MSE lets the early steps dominate training, while
+    the validation averages each step's error ratio to reuse's (`validation_summary`)."""
+    sums = torch.zeros(pairs.pairs_per_branch, 2, dtype=torch.float64)  # error sum, items
+    for batch in DataLoader(pairs, batch_size=batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        _, next_masked, _ = pair_masks(batch["order"], batch["step"])
+        mask = loss_positions(base, next_masked, base.shortcut_context(branch_cond(base, batch)))
+        err = (squared_error(batch["feature"], batch["targets"][:, 0]) * mask).sum(1)
+        sums.index_add_(0, batch["step"].cpu(), torch.stack([err.double().cpu(), torch.ones(len(err))], 1))
+    if (sums[:, 1] == 0).any():
+        raise ValueError("reuse_error_per_step needs every step among the pairs")
+    return (sums[:, 0] / sums[:, 1]).clamp(min=1e-12).float().to(device)
+
+
+LOSS_WEIGHTINGS = ("position", "step")
+SCALE_TRAJECTORIES = 100  # enough for each step's mean to a few percent; a few seconds of reads
 
 
 def _batches(loader: DataLoader):
@@ -113,7 +148,7 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
                    lr: float, lr_decay_at: int, weight_decay: float, ema_decay: float, ema_warmup: int,
                    grad_clip: float, num_workers: int, seed: int, device: torch.device, pairs_per_trajectory: int = 16,
                    kl_weight: float = 0.0, kl_temperature: float = 1.0, rule: SamplingRule | None = None,
-                   log: Log | None = None, log_every: int = 25, progress: bool = True,
+                   loss_weighting: str = "position", log: Log | None = None, log_every: int = 25, progress: bool = True,
                    state: TrainingState | None = None) -> Shortcut:
     """Train the shortcut on stored trajectories (base frozen); return the EMA weights.
 
@@ -121,6 +156,9 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
     the model its own predictions and the true tokens, with the loss on every step: the model
     learns to correct the drift it meets when shortcut steps chain at inference.
     kl_weight > 0 adds the distillation KL on the guided distribution of `rule` (`shortcut_loss`).
+    loss_weighting "step": each step's squared error in units of reuse's there, measured on the
+    first `SCALE_TRAJECTORIES` training trajectories (`reuse_error_per_step`); "position": plain
+    MSE over every loss position of the batch.
 
     Data-parallel when torch.distributed is initialised (`distributed.setup`): each rank trains on
     its slice of every global batch of `batch_size`, as one process would up to float rounding,
@@ -130,8 +168,14 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
     """
     if kl_weight and rule is None:
         raise ValueError("kl_weight > 0 needs the sampling rule (its guidance) as `rule`")
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss_weighting {loss_weighting!r}: one of {', '.join(LOSS_WEIGHTINGS)}")
     torch.manual_seed(seed)
     base.requires_grad_(False)
+    step_scale = None
+    if loss_weighting == "step":
+        first = PairDataset(train_set.url, train_set.indices[:SCALE_TRAJECTORIES])
+        step_scale = reuse_error_per_step(base, first, device=device)
     shortcut.to(device).train()
     world = distributed.world_size()
     # DDP copies rank 0's weights to every rank here, and averages the ranks' gradients in backward.
@@ -152,7 +196,7 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
         batch = cond_then_uncond({k: v.to(device, non_blocking=True) for k, v in next(batches).items()})
         with autocast(device):
             loss, terms = shortcut_loss(model, base, batch, unroll=train_set.unroll, kl_weight=kl_weight,
-                                        kl_temperature=kl_temperature, rule=rule)
+                                        kl_temperature=kl_temperature, rule=rule, step_scale=step_scale)
         check_finite(loss, update, "shortcut")
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -17,8 +17,8 @@ from migm_shortcut.shortcut import Shortcut, ShortcutSpec
 from migm_shortcut.store import PairDataset, TrajectoryBatchSampler, TrajectoryStore
 from migm_shortcut.train_shortcut import (
     branch_cond, cond_then_uncond, distillation_kl, measure_placements, rollout_budgets, rollout_errors,
-    rollout_summary, sampled_trajectories, shortcut_loss, shortcut_step, stored_trajectories, train_shortcut,
-    validate_rollout, validate_shortcut, validation_summary,
+    reuse_error_per_step, rollout_summary, sampled_trajectories, shortcut_loss, shortcut_step,
+    stored_trajectories, train_shortcut, validate_rollout, validate_shortcut, validation_summary,
 )  # fmt: skip
 
 CPU = torch.device("cpu")
@@ -102,6 +102,46 @@ def test_kl_term_on_the_guided_distribution_of_still_masked_positions(trajectori
     loss, mse_only = shortcut_loss(model, base, batch, unroll=1, rule=RULE)
     assert mse_only["kl"] == 0.0 and loss.item() == pytest.approx(terms["mse"].item(), rel=1e-6)
 
+
+
+# weighting the steps
+
+
+def test_reuse_error_per_step_by_hand(trajectories):
+    base, store = make_base(), TrajectoryStore.open(trajectories)
+    scale = reuse_error_per_step(base, PairDataset(trajectories, range(4)), device=CPU)
+    assert scale.shape == (N - 1,)
+    for s in (0, N - 2):
+        errors = []
+        for i in range(4):
+            item = store.read(i)
+            f = torch.from_numpy(item["features"]).float()  # [2, N, S, D]
+            still = torch.from_numpy(item["order"]).long() > s
+            for branch in (0, 1):
+                err = (f[branch, s + 1] - f[branch, s]).pow(2).mean(-1)[base.image_positions]
+                errors.append(err[still].sum().item())
+        assert scale[s].item() == pytest.approx(np.mean(errors), rel=1e-5)
+
+
+def test_step_weighted_loss_divides_each_item_by_its_steps_scale(trajectories):
+    base, model = make_base(), make_shortcut().requires_grad_(True)
+    batch = first_batch(trajectories)
+    scale = torch.arange(1.0, N)  # step s weighs 1 / (s + 1)
+    _, terms = shortcut_loss(model, base, batch, unroll=1, step_scale=scale)
+    with torch.no_grad():
+        pred, mask = shortcut_step(model, base, batch["feature"], batch["tokens"], batch["order"], batch["step"],
+                                   branch_cond(base, batch))
+    per_item = ((pred - batch["targets"][:, 0]).pow(2).mean(-1) * mask).sum(1) / (batch["step"] + 1)
+    assert terms["mse"].item() == pytest.approx(per_item.mean().item(), rel=1e-5)
+
+
+def test_step_weighted_training_brings_every_step_below_reuse(trajectories):
+    model, log = train(trajectories, loss_weighting="step")
+    assert all(math.isfinite(s["loss"]) for s in log) and log[-1]["loss"] < log[0]["loss"]
+    per_step = validate_shortcut(model, make_base(), PairDataset(trajectories, range(16, 24)), device=CPU)
+    assert max(r["mse_ratio"] for r in per_step) < 0.9 and np.mean([r["mse_ratio"] for r in per_step]) < 0.7
+    with pytest.raises(ValueError, match="loss_weighting"):
+        train(trajectories, steps=1, loss_weighting="steps")
 
 
 def test_batches_pair_both_branches_of_each_step(trajectories):
