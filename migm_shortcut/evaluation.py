@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .config import Params
 from .data import to_float
 from .images import to_uint8
 from .metrics import (ClassifierFeatures, ReferenceStats, bootstrap_fids, compute_metrics, extract_features,
@@ -87,6 +88,7 @@ def fid_scores(base, sets: dict, spaces: list[FeatureSpace], dev, *, batch_size:
     dataset statistics) give `fid_dataset_stats`, the figure the literature reports."""
     radii = {s.key: knn_radii(s.reference) for s in spaces if s.all_metrics}  # once, not per set
     stats = {s.key: ReferenceStats.of(s.reference) for s in spaces}  # likewise
+    dataset_ref = None if dataset_stats is None else ReferenceStats.of_moments(*dataset_stats)  # likewise
     extractors = {s.key: (s.extractor, s.num_samples) for s in spaces}
     if classifier is not None:
         extractors["logits"] = (classifier, None)
@@ -105,8 +107,8 @@ def fid_scores(base, sets: dict, spaces: list[FeatureSpace], dev, *, batch_size:
             bootstraps[space.key][name] = bootstrap_fids(stats[space.key], fake, resamples=bootstrap)
             row |= {space.key: bootstraps[space.key][name][0], f"{space.key}_samples": len(fake),
                     **_prefixed(fid_interval(*bootstraps[space.key][name]), space.key)}
-        if dataset_stats is not None:
-            row["fid_dataset_stats"] = fid_to_stats(feats[spaces[0].key], *dataset_stats)
+        if dataset_ref is not None:
+            row["fid_dataset_stats"] = fid_to_stats(feats[spaces[0].key], dataset_ref)
         if logits is not None:
             correct = logits.argmax(1) == labels
             row["worst_class_accuracy"] = min(correct[labels == c].float().mean().item() for c in labels.unique())
@@ -211,3 +213,18 @@ def metric_caption(spaces: list[FeatureSpace], floors: dict[str, float], incepti
                  " and are close to blind to the local defects that stale features cause.")
     return text + " Noise floors (FID between two halves of the reference): " + ", ".join(
         f"{k} {v:.2f}" for k, v in floors.items()) + "."
+
+
+def sampler_params(p: Params, row: dict) -> dict:
+    """What a sampler configuration's run records: its setting, the sampling rule at its steps, and
+    the shortcut's settings when it samples with one."""
+    params = {"sampler": row["sampler"], "steps": row["steps"], "budget": row["budget"],
+              "placement": row.get("placement", "uniform"),
+              "sampling": {**p.sampling.model_dump(), "steps": row["steps"]}}
+    return params | ({"shortcut": p.shortcut.model_dump()} if row["sampler"] == "shortcut" else {})
+
+
+def sampler_metrics(row: dict) -> dict:
+    """What a sampler configuration's run records as metrics: every number of its report row but
+    the setting's steps and budget (params, in `sampler_params`)."""
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("steps", "budget")}

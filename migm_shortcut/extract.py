@@ -79,3 +79,12 @@ def merge_stats(parts: list[dict]) -> dict:
     written, seconds = sum(s["samples_written"] for s in parts), max(s["seconds"] for s in parts)
     return {"samples_written": written, "units_written": sum(s["units_written"] for s in parts), "seconds": seconds,
             "samples_per_second": written / seconds if written else 0.0}
+
+
+def store_metrics(stats: dict, *, num_samples: int, store_bytes: int, workers: int) -> dict:
+    """The metrics of a complete store: its size, this run's `stats` (of `extract` or `merge_stats`)
+    and the write rate, the store's megabytes in the share of samples this run wrote per second."""
+    megabytes, written = store_bytes / 2**20, stats["samples_written"]
+    rate = megabytes * written / num_samples / stats["seconds"] if written else 0.0
+    return {"num_samples": num_samples, "store_megabytes": megabytes, **stats,
+            "write_megabytes_per_second": rate, "workers": workers}

@@ -1,11 +1,12 @@
 """What the models share, so that no model imports another: multi-head attention (every base and
-the shortcut), the rotary embedding of LLaDA (the DiMOO base and the DiMOO shortcut variant) and
-the context a rotary base hands its shortcut."""
+the shortcut), LLaDA's RMS norm, SwiGLU and rotary embedding (the DiMOO base and the DiMOO shortcut
+variant) and the context a rotary base hands its shortcut."""
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass
@@ -24,6 +25,27 @@ class ShortcutContext:
     prompt_index: torch.Tensor  # [P] their indices in the feature sequence
     prompt_valid: torch.Tensor  # [B, P]
     rope_theta: float
+
+
+class RMSNorm(nn.Module):
+    """LLaDA's RMS norm: normalised in float32, back in the input's dtype, then scaled by `weight`
+    (no bias). affine=False: no weight, for a norm that something else scales (adaptive norm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return y if self.weight is None else self.weight * y
+
+
+def swiglu(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module) -> torch.Tensor:
+    """LLaDA's FFN on (normed) x: down(silu(gate(x)) * up(x)). The projections stay the caller's
+    modules, under the names its checkpoints use."""
+    return down(F.silu(gate(x)) * up(x))
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:

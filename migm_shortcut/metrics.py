@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -128,27 +126,12 @@ class _Precomputed(nn.Module):
         return x
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Reference FID between two Gaussians in float64 (scipy sqrtm), to check the fast paths."""
-    mu1, sigma1, mu2, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, sigma1, mu2, sigma2))
-    covmean = np.real(scipy.linalg.sqrtm(sigma1 @ sigma2))  # tiny imaginary parts are round-off
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
 @contextmanager
 def _buffer_warning_off() -> Iterator[None]:
     # KID and IS warn that they keep all features in memory: that is what we hand them anyway.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
         yield
-
-
-def fid(real: Tensor, fake: Tensor) -> float:
-    """torchmetrics FID on precomputed feature rows, in float64."""
-    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1])).to(real.device)
-    metric.update(real.double(), real=True)
-    metric.update(fake.double().to(real.device), real=False)
-    return float(metric.compute())
 
 
 def kid(real: Tensor, fake: Tensor, *, subset_size: int, subsets: int = 100, seed: int = 0) -> tuple[float, float]:
@@ -222,17 +205,6 @@ def _psd_sqrt(sigma: Tensor) -> Tensor:
     return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T
 
 
-def fid_to_stats(fake: Tensor, mu: np.ndarray, sigma: np.ndarray) -> float:
-    """FID of feature rows `fake` against given statistics (e.g. a dataset's published mu, sigma), float64.
-
-    Through sigma^(1/2) and `_fid_to_reference`: one symmetric eigenproblem, where scipy's sqrtm of
-    a 2048 x 2048 product takes 16 s on a CPU."""
-    sigma_r = torch.from_numpy(np.asarray(sigma, dtype=np.float64))
-    x = fake.double()
-    return float(_fid_to_reference(x, x @ _psd_sqrt(sigma_r), torch.from_numpy(np.asarray(mu, dtype=np.float64)),
-                                   sigma_r.trace()))
-
-
 @dataclass(frozen=True)
 class ReferenceStats:
     """What FID needs of the real features, in float64: computed once per reference, not per set
@@ -243,9 +215,29 @@ class ReferenceStats:
     trace: Tensor  # tr sigma
 
     @classmethod
-    def of(cls, real: Tensor) -> "ReferenceStats":
-        sigma = torch.cov(real.double().T)
-        return cls(real.double().mean(0), _psd_sqrt(sigma), sigma.trace())
+    def of(cls, real: Tensor) -> ReferenceStats:
+        real = real.double()
+        return cls.of_moments(real.mean(0), torch.cov(real.T))
+
+    @classmethod
+    def of_moments(cls, mean: Tensor | np.ndarray, sigma: Tensor | np.ndarray) -> ReferenceStats:
+        """From a mean and a covariance, e.g. a dataset's published mu and sigma."""
+        mean, sigma = (torch.as_tensor(a, dtype=torch.float64) for a in (mean, sigma))
+        return cls(mean, _psd_sqrt(sigma), sigma.trace())
+
+
+def fid_to_stats(fake: Tensor, ref: ReferenceStats) -> float:
+    """FID of feature rows `fake` against reference statistics, in float64.
+
+    Through sigma^(1/2) and `_fid_to_reference`: one symmetric eigenproblem, where scipy's sqrtm of
+    a 2048 x 2048 product takes 16 s on a CPU."""
+    x = fake.double().to(ref.mean.device)
+    return float(_fid_to_reference(x, x @ ref.sigma_sqrt, ref.mean, ref.trace))
+
+
+def fid(real: Tensor, fake: Tensor) -> float:
+    """FID of feature rows `fake` against feature rows `real`, in float64."""
+    return fid_to_stats(fake, ReferenceStats.of(real))
 
 
 def _resampled_fids(x: Tensor, y: Tensor, ref: ReferenceStats, idx: Tensor, chunk: int = 25) -> Tensor:

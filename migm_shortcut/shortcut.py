@@ -22,11 +22,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import load_model
-from .layers import ShortcutContext, attention
+from .layers import RMSNorm, ShortcutContext, attention, swiglu
 
 
 @dataclass(frozen=True)
@@ -79,12 +78,11 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.norm = nn.RMSNorm(dim, eps=1e-5)
+        self.norm = RMSNorm(dim)
         self.gate, self.up, self.down = nn.Linear(dim, 6 * dim, False), nn.Linear(dim, 6 * dim, False), nn.Linear(6 * dim, dim, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(x)
-        return self.down(F.silu(self.gate(h)) * self.up(h))
+        return swiglu(self.norm(x), self.gate, self.up, self.down)
 
 
 class ShortcutBlock(nn.Module):
@@ -96,11 +94,11 @@ class ShortcutBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, cross_attention: bool, llada: bool = False):
         super().__init__()
-        norm = (lambda: nn.RMSNorm(dim, eps=1e-5)) if llada else (lambda: nn.LayerNorm(dim))
+        norm = RMSNorm if llada else nn.LayerNorm
         make_ffn = SwiGLU if llada else ffn
         self.llada = llada
-        self.cross = nn.ModuleDict(dict(norm=norm(), attn=Attention(dim, heads, not llada), ffn=make_ffn(dim))) if cross_attention else None
-        self.self_norm, self.self_attn, self.ffn = norm(), Attention(dim, heads, not llada), make_ffn(dim)
+        self.cross = nn.ModuleDict(dict(norm=norm(dim), attn=Attention(dim, heads, not llada), ffn=make_ffn(dim))) if cross_attention else None
+        self.self_norm, self.self_attn, self.ffn = norm(dim), Attention(dim, heads, not llada), make_ffn(dim)
 
     def forward(self, x: torch.Tensor, new: torch.Tensor, new_mask: torch.Tensor | None,
                 context: ShortcutContext | None = None, key_positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,7 +141,7 @@ class Shortcut(nn.Module):
         self.down = nn.Linear(D, d)
         self.down_new = nn.Linear(D, d) if spec.cross_attention else None
         self.blocks = nn.ModuleList(ShortcutBlock(d, spec.heads, spec.cross_attention, llada) for _ in range(spec.blocks))
-        norm = nn.RMSNorm(d, eps=1e-5, elementwise_affine=not spec.time_embedding) if llada else None
+        norm = RMSNorm(d, affine=not spec.time_embedding) if llada else None
         self.norm = norm or nn.LayerNorm(d, elementwise_affine=not spec.time_embedding)
         self.time = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, 2 * d)) if spec.time_embedding else None
         self.up = nn.Linear(d, D)

@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from migm_shortcut.bases import build_base, tiny_maskgit_config
-from migm_shortcut.bases.dimoo import load_dimoo
-from migm_shortcut.bases.maskgit import load_maskgit_imagenet
+from migm_shortcut.bases.published import load_published
 from migm_shortcut.checkpoint import load_model, save_model, weights_hash
 from migm_shortcut.tokenizer import VQTokenizer
 from migm_shortcut.train_base import train_base
@@ -27,32 +26,14 @@ OUT = BASE.parent
 RESUME = Path(".migm") / "resume" / "base.pt"  # outside DVC's outputs, which a rerun deletes first
 
 
-def load_published(p, files: dict[str, str]):
-    """The published base, checked against params.yaml, and what its checkpoint config adds."""
-    b = p.base
-    if b.name == "dimoo":
-        base = load_dimoo(files["model"], image_size=p.data.image_size, prompt_len=b.published.prompt_len,
-                          uncond_prompt=read_json(PROMPT_IDS)["uncond"])
-        cfg = base.llada.config
-        found = {"depth": cfg.n_layers, "width": cfg.d_model, "heads": cfg.n_heads, "mlp_ratio": cfg.hidden / cfg.d_model}
-        if wrong := [f"base.{k}={getattr(b, k)} (config.json: {v})" for k, v in found.items() if getattr(b, k) != v]:
-            raise SystemExit(f"error: {files['model']}/config.json does not match params.yaml: {', '.join(wrong)}")
-        return base, {"vq": files["model"]}  # the decoder stays a diffusers model read from the published folder
-    try:
-        base = load_maskgit_imagenet(files["transformer"], files["vqgan"], p.data.image_size,
-                                     vqgan_yaml=files.get("vqgan_yaml"), hidden_dim=b.width, depth=b.depth,
-                                     heads=b.heads, mlp_dim=round(b.width * b.mlp_ratio),
-                                     codebook_size=b.published.codebook_size, num_classes=b.published.num_classes)
-    except ValueError as err:  # a tensor that does not fit names itself; say which params keys set the shapes
-        raise SystemExit(f"error: {err}\n(the expected shapes come from base.depth/width/heads/mlp_ratio, "
-                         "base.published.codebook_size/num_classes and data.image_size)")
-    return base, {}
-
-
 def import_published(p) -> None:
     b, files = p.base, {k: path for k, (path, _) in p.published_files().items()}
     with stage_run(p, "base", params={"name": b.name, **files}) as run:
-        base, extra = load_published(p, files)
+        uncond = read_json(PROMPT_IDS)["uncond"] if b.name == "dimoo" else None
+        try:
+            base, extra = load_published(b, p.data.image_size, uncond)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}")
         config = {**base.config(), **extra, "hash": weights_hash(base.state_dict())}
         save_model(BASE, base, config)
         metrics = {"transformer_parameters": base.transformer_parameters(), "imported": True}

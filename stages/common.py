@@ -214,12 +214,3 @@ def log_stage(p: Params, name: str, *, params: dict | None = None, metrics: dict
     root = project_root()
     return tracking.child_run(root, parent_run(p), name, params=params, metrics=metrics, artifacts=artifacts,
                               tags=source_tags(_git("rev-parse", "HEAD")))
-
-
-def sampler_params(p: Params, row: dict) -> dict:
-    """What a sampler configuration's run records: its setting, the sampling rule at its steps, and
-    the shortcut's settings when it samples with one."""
-    params = {"sampler": row["sampler"], "steps": row["steps"], "budget": row["budget"],
-              "placement": row.get("placement", "uniform"),
-              "sampling": {**p.sampling.model_dump(), "steps": row["steps"]}}
-    return params | ({"shortcut": p.shortcut.model_dump()} if row["sampler"] == "shortcut" else {})

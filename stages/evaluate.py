@@ -25,7 +25,7 @@ from migm_shortcut.checkpoint import load_model
 from migm_shortcut.classifier import DomainClassifier
 from migm_shortcut.data import load_splits, reference_dataset_stats
 from migm_shortcut.evaluation import (FeatureSpace, add_paired_comparisons, clip_scores, domain_space, fid_scores,
-                                      metric_caption)
+                                      metric_caption, sampler_metrics, sampler_params)
 from migm_shortcut.headline import headline, plot_rows
 from migm_shortcut.metrics import ClipScore, InceptionFeatures, noise_floor
 from migm_shortcut.report import CLIP_SCORE, Quality, add_comparisons, markdown_table, pareto_plot
@@ -33,8 +33,8 @@ from migm_shortcut.sample_folders import read_sample_set
 from migm_shortcut.shortcut_model import registered_name, tag_with_headline
 
 from .common import (BASE, CLASSIFIER, DATA, INCEPTION_REFERENCE, PROMPTS, SAMPLES, SHORTCUT, SHORTCUT_METRICS,
-                     SPLITS, decode_batch, device, log_stage, params, project_root, read_json, sampler_params,
-                     stage_args, stage_run, write_json)
+                     SPLITS, decode_batch, device, log_stage, params, project_root, read_json, stage_args,
+                     stage_run, write_json)
 
 OUT = DATA / "report"
 
@@ -105,9 +105,8 @@ def evaluate(p, dev, run) -> None:
     summary["seconds"] = time.perf_counter() - start
     write_json(OUT / "metrics.json", {"summary": summary, **{r["name"]: r for r in rows}})
 
-    for r in rows:
-        numbers = {k: v for k, v in r.items() if isinstance(v, (int, float)) and k not in ("steps", "budget")}
-        log_stage(p, r["name"], params=sampler_params(p, r), metrics=numbers,
+    for r in rows:  # one run a sampler configuration, beside the stage's
+        log_stage(p, r["name"], params=sampler_params(p, r), metrics=sampler_metrics(r),
                   artifacts=[SAMPLES / r["name"] / "grid.png"])
     run.log_metrics(summary)
     tag_with_headline(project_root(), registered_name(p.tracking.experiment), SHORTCUT, head)

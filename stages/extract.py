@@ -14,7 +14,7 @@ import torch
 
 from migm_shortcut import distributed
 from migm_shortcut.bases import load_base
-from migm_shortcut.extract import extract, merge_stats, open_or_replace_store
+from migm_shortcut.extract import extract, merge_stats, open_or_replace_store, store_metrics
 from migm_shortcut.schedules import SamplingRule
 from migm_shortcut.store import store_bytes
 
@@ -72,10 +72,8 @@ def fill_store(p, args, dev, run) -> None:
     if stats["samples_written"] == 0 and METRICS.is_file():
         print("extract: store complete; nothing to write (metrics of the run that wrote it kept)")
         return
-    size = store_bytes(p.extract.store)
-    metrics = {"num_samples": store.num_samples, "store_megabytes": size / 2**20, **stats,
-               "write_megabytes_per_second": size / 2**20 * stats["samples_written"] / store.num_samples / stats["seconds"]
-               if stats["samples_written"] else 0.0, "workers": args.workers}
+    metrics = store_metrics(stats, num_samples=store.num_samples, store_bytes=store_bytes(p.extract.store),
+                            workers=args.workers)
     write_json(METRICS, metrics)
     run.log_metrics(metrics)
     print(f"extract: {store.num_samples} trajectories, {metrics['store_megabytes']:.0f} MB, "

@@ -17,6 +17,8 @@ from tiny_models import one_thread  # noqa: F401 (autouse fixture)
 
 from migm_shortcut.bases import build_base
 from migm_shortcut.bases import dimoo
+from migm_shortcut.bases.published import load_published
+from migm_shortcut.config import BaseConfig
 from migm_shortcut.extract import extract, open_store
 from migm_shortcut.sampling import Learned, generate
 from migm_shortcut.schedules import SamplingRule, cosine_reveal_counts
@@ -255,6 +257,18 @@ def test_registry_builder(folder, base):
     torch.testing.assert_close(built.features(tokens, cond), base.features(tokens, cond))
     with pytest.raises(ValueError, match="unknown keys.*prompt_length"):
         build_base({"kind": "dimoo", "path": str(folder), "prompt_length": 6})
+
+
+def test_published_base_is_checked_against_params(folder, state):
+    sizes = dict(depth=TINY.n_layers, width=TINY.d_model, heads=TINY.n_heads,
+                 mlp_ratio=TINY.mlp_hidden_size / TINY.d_model)
+    published = {"files": {"model": str(folder)}, "prompt_len": PROMPT_LEN}
+    base, extra = load_published(BaseConfig(name="dimoo", published=published, **sizes), IMAGE_SIZE, UNCOND)
+    assert extra == {"vq": str(folder)} and base.uncond_prompt == UNCOND
+    wrong = BaseConfig(name="dimoo", published=published, **{**sizes, "depth": 3, "heads": 8})
+    with pytest.raises(ValueError, match=rf"{folder}/config.json does not match params.yaml: "
+                                         r"base.depth=3 \(config.json: 2\), base.heads=8 \(config.json: 4\)$"):
+        load_published(wrong, IMAGE_SIZE, UNCOND)
 
 
 @pytest.mark.parametrize("key, change", [

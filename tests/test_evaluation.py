@@ -1,12 +1,16 @@
 """Scoring sample sets (migm_shortcut.evaluation): the feature spaces, the paired comparisons the
 report's claims rest on, and the Inception path the headline FID uses."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_models import make_base, one_thread  # noqa: F401 (autouse fixture)
 
 from migm_shortcut import metrics
-from migm_shortcut.evaluation import FeatureSpace, Scores, add_paired_comparisons, decoded_batches, fid_scores
+from migm_shortcut.config import load_params
+from migm_shortcut.evaluation import (FeatureSpace, Scores, add_paired_comparisons, decoded_batches, fid_scores,
+                                      sampler_metrics, sampler_params)
 from migm_shortcut.report import FID
 
 
@@ -126,3 +130,15 @@ def test_inception_path_gives_the_networks_features_and_a_known_fid():
     torch.testing.assert_close(feats, reference, rtol=1e-4, atol=1e-4)
     value = metrics.fid(feats[:30].double(), feats[30:].double())
     assert value == pytest.approx(87.767, rel=0.002)  # the 30 first against the 30 next test digits
+
+
+def test_sampler_runs_carry_the_sampling_rule_the_shortcuts_settings_and_the_rows_numbers():
+    p = load_params(Path(__file__).resolve().parent.parent / "profiles" / "smoke.yaml")
+    shortcut = sampler_params(p, {"sampler": "shortcut", "steps": 6, "budget": 3})
+    assert shortcut["sampling"] == {**p.sampling.model_dump(), "steps": 6}
+    assert shortcut["shortcut"] == p.shortcut.model_dump()
+    assert "shortcut" not in sampler_params(p, {"sampler": "reuse", "steps": 6, "budget": 3})
+    r = {**row("shortcut", 6, 3, 12.5), "fid": 20.0, "fid_samples": 500, "faster_than": "vanilla-N8",
+         "fid_minus_slower_vanilla": None}
+    # steps and budget are params; names and missing comparisons are no metrics
+    assert sampler_metrics(r) == {"latency_ms": 12.5, "fid": 20.0, "fid_samples": 500}

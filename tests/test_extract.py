@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny_models import make_base, make_shortcut, one_thread  # noqa: F401 (autouse fixture)
 
-from migm_shortcut.extract import extract, labels_for, open_or_replace_store, open_store
+from migm_shortcut.extract import extract, labels_for, open_or_replace_store, open_store, store_metrics
 from migm_shortcut.sampling import FeatureSource, Learned, generate
 from migm_shortcut.schedules import SamplingRule
 from migm_shortcut.store import PairDataset, TrajectoryStore, pair_masks
@@ -247,3 +247,12 @@ def test_training_prediction_equals_sampler_prediction(base, reference):
             assert not loss_mask[0, 0]
             assert torch.equal(loss_mask[0, 1:], x["order"] > 0)
 
+
+def test_store_metrics_rate_counts_only_what_this_run_wrote():
+    stats = {"samples_written": 25, "units_written": 5, "seconds": 2.0, "samples_per_second": 12.5}
+    metrics = store_metrics(stats, num_samples=100, store_bytes=8 * 2**20, workers=3)
+    # 8 MB for 100 samples, 25 of them written in 2 s: 2 MB in 2 s
+    assert metrics == {"num_samples": 100, "store_megabytes": 8.0, **stats,
+                       "write_megabytes_per_second": 1.0, "workers": 3}
+    idle = {**stats, "samples_written": 0, "seconds": 0.0}
+    assert store_metrics(idle, num_samples=100, store_bytes=8 * 2**20, workers=1)["write_megabytes_per_second"] == 0

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from maskgit_manifest import (PUBLISHED_TRANSFORMER_PARAMETERS, VQGAN_IGNORED_PREFIXES, Sizes, VQSizes,
                               transformer_keys, vqgan_decoder_keys)
 from tiny_models import one_thread  # noqa: F401 (autouse fixture)
@@ -16,6 +17,8 @@ from tiny_models import one_thread  # noqa: F401 (autouse fixture)
 from migm_shortcut.bases import build_base, load_base
 from migm_shortcut.checkpoint import save_model
 from migm_shortcut.bases.maskgit import MaskGITImageNet, VQGANConfig, load_maskgit_imagenet
+from migm_shortcut.bases.published import load_published
+from migm_shortcut.config import BaseConfig
 from migm_shortcut.extract import extract, open_store
 from migm_shortcut.sampling import Learned, generate
 from migm_shortcut.schedules import SamplingRule
@@ -300,6 +303,24 @@ def test_bad_tensor_is_named(states, tmp_path, which, key, change):
     bad = t_path if which == "transformer" else v_path
     with pytest.raises(ValueError, match=rf"{bad}.*{change if change != 'misshapen' else ''}.*{key}"):
         load_maskgit_imagenet(t_path, v_path, image_size=IMAGE_SIZE, vqgan=VQ, **SIZES)
+
+
+def test_published_base_is_checked_against_params(files, tmp_path):
+    dd = dict(double_z=False, z_channels=TINY_VQ.z_channels, resolution=TINY_VQ.resolution, in_channels=3, out_ch=3,
+              ch=TINY_VQ.ch, ch_mult=list(TINY_VQ.ch_mult), num_res_blocks=TINY_VQ.num_res_blocks,
+              attn_resolutions=list(TINY_VQ.attn_resolutions), dropout=0.0)
+    vq_yaml = tmp_path / "model.yaml"
+    vq_yaml.write_text(yaml.safe_dump({"model": {"params": {"embed_dim": TINY_VQ.embed_dim,
+                                                            "n_embed": TINY.codebook, "ddconfig": dd}}}))
+    paths = {"transformer": str(files[0]), "vqgan": str(files[1]), "vqgan_yaml": str(vq_yaml)}
+    published = {"files": paths, "codebook_size": TINY.codebook, "num_classes": TINY.classes}
+    sizes = dict(depth=TINY.depth, width=TINY.hidden, heads=TINY.heads, mlp_ratio=TINY.mlp / TINY.hidden)
+    base, extra = load_published(BaseConfig(name="maskgit-imagenet", published=published, **sizes), IMAGE_SIZE)
+    assert extra == {} and base.base_id.startswith(f"maskgit-imagenet-{IMAGE_SIZE}:")
+    wrong = BaseConfig(name="maskgit-imagenet", published=published, **{**sizes, "mlp_ratio": 3.0})
+    shape = r"fn.net.0.weight: shape \(64, 32\) != expected \(96, 32\)"
+    with pytest.raises(ValueError, match=rf"(?s){files[0]}.*{shape}.*expected shapes come from base.depth/width"):
+        load_published(wrong, IMAGE_SIZE)
 
 
 def test_ignored_vqgan_prefixes_documented():

@@ -1,5 +1,5 @@
 """Each stage's MLflow run is open while the stage works: FAILED when it raises, with the standard
-source tags, system metrics while it runs, and sampler runs that name their sampling rule."""
+source tags and system metrics while it runs."""
 
 import shutil
 import sys
@@ -67,11 +67,3 @@ def test_without_psutil_system_metrics_are_off_with_a_message(stage_dir, monkeyp
         pass
     assert runs_of(stage_dir)["quick"].info.status == "FINISHED"
     assert "psutil is not installed" in capsys.readouterr().err
-
-
-def test_sampler_runs_carry_the_sampling_rule_and_the_shortcuts_settings():
-    p = load_params(REPO / "profiles" / "smoke.yaml")
-    shortcut = common.sampler_params(p, {"sampler": "shortcut", "steps": 6, "budget": 3})
-    assert shortcut["sampling"] == {**p.sampling.model_dump(), "steps": 6}
-    assert shortcut["shortcut"] == p.shortcut.model_dump()
-    assert "shortcut" not in common.sampler_params(p, {"sampler": "reuse", "steps": 6, "budget": 3})

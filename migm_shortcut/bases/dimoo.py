@@ -23,13 +23,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from transformers import PretrainedConfig
 
 from ..checkpoint import load_state_strict
-from ..layers import ShortcutContext, attention
+from ..layers import RMSNorm, ShortcutContext, attention, swiglu
 from .contract import MaskedBase
 
 # Token map (published config.py SPECIAL_TOKENS; SPEC section 9).
@@ -83,20 +82,6 @@ class LLaDAConfig(PretrainedConfig):
         return self.embedding_size or self.vocab_size
 
 
-class RMSNorm(nn.Module):
-    """LLaDA's RMS norm: normalised in float32, scaled by a weight (no bias)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)
-
-
 class LLaDALlamaBlock(nn.Module):
     def __init__(self, cfg: LLaDAConfig):
         super().__init__()
@@ -116,8 +101,7 @@ class LLaDALlamaBlock(nn.Module):
         y = attention(self.q_proj(xn), self.k_proj(xn), self.v_proj(xn), self.cfg.n_heads,  # bidirectional
                       keys[:, None, None, :], (positions, positions, self.cfg.rope_theta))
         x = x + self.attn_out(y)
-        xn = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(xn)) * self.up_proj(xn))
+        return x + swiglu(self.ff_norm(x), self.ff_proj, self.up_proj, self.ff_out)
 
 
 class LLaDAModelLM(nn.Module):
