@@ -136,6 +136,9 @@ class ExtractConfig(Section):
     seed: int = 1
 
 
+LossWeighting = Literal["position", "step"]
+
+
 class ShortcutConfig(Section):
     bottleneck_ratio: int = Field(2, ge=1)
     blocks: int = Field(1, ge=1)
@@ -149,7 +152,7 @@ class ShortcutConfig(Section):
     kl_temperature: float = Field(1.0, gt=0)
     # position: plain MSE over the loss positions; step: each step's error in units of reuse's
     # there, so late steps (small changes, few positions) weigh as much as early ones
-    loss_weighting: Literal["position", "step"] = "position"
+    loss_weighting: LossWeighting = "position"
     steps: int = Field(3000, ge=1)
     # Counted in items, one CFG branch each: a batch holds both branches of each (sample, step).
     batch_size: int = Field(64, ge=2, multiple_of=2)

@@ -2,6 +2,7 @@
 per step teacher-forced, and chained over each budget's shortcut steps as the sampler runs them."""
 
 from dataclasses import replace
+from typing import get_args
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .bases.contract import MaskedBase
+from .config import LossWeighting
 from .placement import placements
 from .samplers import BASELINES, EXTRAPOLATE, REUSE, SHORTCUT
 from .sampling import StepState, feature_source, generate, guided_logits, sampling_autocast
@@ -135,7 +137,6 @@ def reuse_error_per_step(base: MaskedBase, pairs: PairDataset, *, device: torch.
     return (sums[:, 0] / sums[:, 1]).clamp(min=1e-12).float().to(device)
 
 
-LOSS_WEIGHTINGS = ("position", "step")
 SCALE_TRAJECTORIES = 100  # enough for each step's mean to a few percent; a few seconds of reads
 
 
@@ -148,7 +149,7 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
                    lr: float, lr_decay_at: int, weight_decay: float, ema_decay: float, ema_warmup: int,
                    grad_clip: float, num_workers: int, seed: int, device: torch.device, pairs_per_trajectory: int = 16,
                    kl_weight: float = 0.0, kl_temperature: float = 1.0, rule: SamplingRule | None = None,
-                   loss_weighting: str = "position", log: Log | None = None, log_every: int = 25, progress: bool = True,
+                   loss_weighting: LossWeighting = "position", log: Log | None = None, log_every: int = 25, progress: bool = True,
                    state: TrainingState | None = None) -> Shortcut:
     """Train the shortcut on stored trajectories (base frozen); return the EMA weights.
 
@@ -168,8 +169,8 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
     """
     if kl_weight and rule is None:
         raise ValueError("kl_weight > 0 needs the sampling rule (its guidance) as `rule`")
-    if loss_weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"loss_weighting {loss_weighting!r}: one of {', '.join(LOSS_WEIGHTINGS)}")
+    if loss_weighting not in get_args(LossWeighting):
+        raise ValueError(f"loss_weighting {loss_weighting!r}: one of {', '.join(get_args(LossWeighting))}")
     torch.manual_seed(seed)
     base.requires_grad_(False)
     step_scale = None
