@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--base", default="data/base/model.safetensors")
     parser.add_argument("--store", help="default: params' extract.store")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--runs", default=json.dumps(DEFAULT_RUNS), help="JSON list of {name, kl_weight, unroll, loss_weighting, bottleneck_ratio, blocks, heads}")
+    parser.add_argument("--runs", default=json.dumps(DEFAULT_RUNS), help="JSON list of {name, kl_weight, unroll, loss_weighting, lr, batch_size, "
+                        "bottleneck_ratio, blocks, heads}")
     parser.add_argument("--updates", type=int, help="default: shortcut.steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -59,7 +60,8 @@ def main() -> None:
         spec = ShortcutSpec.of(s.model_copy(update=sizes), base.dim, base.shortcut_variant)
         model = train_shortcut(
             Shortcut(spec), base, PairDataset(url, range(num_train), unroll=run.get("unroll", 1)), steps=updates,
-            batch_size=s.batch_size, lr=s.lr, lr_decay_at=updates * 3 // 4, weight_decay=s.weight_decay,
+            batch_size=run.get("batch_size", s.batch_size), lr=run.get("lr", s.lr),
+            lr_decay_at=updates * 3 // 4, weight_decay=s.weight_decay,
             ema_decay=0.99, ema_warmup=updates // 4, grad_clip=s.grad_clip, num_workers=0, seed=s.seed,
             pairs_per_trajectory=s.pairs_per_trajectory, kl_weight=run.get("kl_weight", 0.0),
             kl_temperature=run.get("kl_temperature", 1.0), rule=rule,
