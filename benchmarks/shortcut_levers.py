@@ -5,8 +5,9 @@ against reuse, one short training per setting, all in one run (BENCHMARKS.md, se
     python benchmarks/shortcut_levers.py --runs '[{"name": "mse"}, {"name": "kl1", "kl_weight": 1.0}]'
     python benchmarks/shortcut_levers.py --runs '[{"name": "bottleneck2", "bottleneck_ratio": 2}]'
 
-Each setting trains the profile's shortcut from the same seed for `--updates` updates (the lr drops
-at 3/4 of them, EMA decay 0.99 from a quarter of them), on one thread, and prints one JSON line:
+Each setting trains the profile's shortcut (its keys replaced by the run's) from the same seed
+for `--updates` updates (the lr drops at 3/4 of them, EMA decay 0.99 from a quarter of them), on
+one thread, and prints one JSON line:
 training seconds, the teacher-forced MSE ratio and the rollout MSE and KL ratios at every budget
 of the grid at the store's N.
 """
@@ -26,8 +27,8 @@ from migm_shortcut.config import load_params  # noqa: E402
 from migm_shortcut.schedules import SamplingRule  # noqa: E402
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec  # noqa: E402
 from migm_shortcut.store import PairDataset, TrajectoryStore  # noqa: E402
-from migm_shortcut.train_shortcut import (rollout_summary, train_shortcut, validate_rollout,  # noqa: E402
-                                          validate_shortcut)
+from migm_shortcut.train_shortcut import (rollout_budgets, rollout_summary, train_shortcut,  # noqa: E402
+                                          validate_rollout, validate_shortcut)
 
 ARCHITECTURE = ("bottleneck_ratio", "blocks", "heads")  # run keys that change the shortcut's size
 DEFAULT_RUNS = [{"name": "mse"}, {"name": "kl0.1", "kl_weight": 0.1}, {"name": "kl1", "kl_weight": 1.0},
@@ -39,8 +40,9 @@ def main() -> None:
     parser.add_argument("--base", default="data/base/model.safetensors")
     parser.add_argument("--store", help="default: params' extract.store")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--runs", default=json.dumps(DEFAULT_RUNS), help="JSON list of {name, kl_weight, unroll, loss_weighting, lr, batch_size, "
-                        "bottleneck_ratio, blocks, heads}")
+    parser.add_argument("--runs", default=json.dumps(DEFAULT_RUNS),
+                        help="JSON list of {name, kl_weight, unroll, loss_weighting, lr, batch_size, bottleneck_ratio, "
+                             "blocks, heads}; a key left out takes params' value")
     parser.add_argument("--updates", type=int, help="default: shortcut.steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -50,7 +52,7 @@ def main() -> None:
     updates = args.updates or s.steps
     base, store = load_base(args.base, dev), TrajectoryStore.open(url)
     rule = SamplingRule.of(p.sampling, store.steps)
-    budgets = sorted({b for g in p.sample.shortcut if g.steps == store.steps for b in g.budgets if b < store.steps})
+    budgets = rollout_budgets(p.sample.shortcut, store.steps)
     num_train = store.num_samples - p.extract.num_val
     val = PairDataset(url, range(num_train, store.num_samples))
     for run in json.loads(args.runs):
