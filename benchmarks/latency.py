@@ -17,7 +17,8 @@ linearly in M over the others.
 Part 2, for the tiny MaskGIT of a trained profile: vanilla N against the shortcut and reuse at
 several budgets, end to end, sampled as the sample stage samples (on a CPU: a slice of the batch
 per thread); on a CPU also vanilla with the whole batch on all threads, for the gain of slicing.
-Warm-up dropped, median of repeats, threads fixed, CUDA timers synchronised.
+Warm-up dropped, median of repeats, threads fixed, CUDA timers synchronised; part 2 times its
+configurations in rounds (`measure_latencies`), so the machine's drift does not tilt a speedup.
 """
 
 import argparse
@@ -34,7 +35,7 @@ from migm_shortcut.bases import build_base, load_base, tiny_maskgit_config  # no
 from migm_shortcut.bases.dimoo import (CODEBOOK, IMAGE_OFFSET, LLaDAConfig, LLaDAModelLM,  # noqa: E402
                                        LuminaDiMOO)
 from migm_shortcut.config import load_params  # noqa: E402
-from migm_shortcut.latency import measure_latency  # noqa: E402
+from migm_shortcut.latency import measure_latencies, measure_latency  # noqa: E402
 from migm_shortcut.noise import sample_keys  # noqa: E402
 from migm_shortcut.sampling import (FeatureSource, Learned, Reuse, StepState, commit_step,  # noqa: E402
                                     fixed_threads, generate, generate_on_cores, sampling_autocast)
@@ -147,19 +148,27 @@ def part2(args, p, base, shortcut, dev, timing) -> None:
                                          slice_batch=not args.compile,  # as the sample stage runs it
                                          autocast_dtype=sampling_autocast(dev))
 
-    print(f"part 2: end to end, batch {B}, {args.threads} threads")
-    vanilla = measure_latency(run(None, FeatureSource), **timing)["median_ms_per_image"]
-    print(f"  vanilla N={args.steps}: {vanilla:.2f} ms/img")
-    if dev.type == "cpu" and args.threads > 1 and not args.compile:
-        with fixed_threads(args.threads):
-            whole = measure_latency(lambda: generate(base, rule, cond, ids, 0), **timing)["median_ms_per_image"]
-        print(f"    the whole batch on {args.threads} intra-op threads instead of a slice per thread: "
-              f"{whole:.2f} ms/img ({whole / vanilla:.2f}x the time)")
+    runs = {"vanilla": run(None, FeatureSource)}
+    whole_batch = dev.type == "cpu" and args.threads > 1 and not args.compile
+    if whole_batch:
+        def whole():
+            with fixed_threads(args.threads):
+                generate(base, rule, cond, ids, 0)
+        runs["whole"] = whole
     for name, source in (("shortcut", lambda: Learned(shortcut, base)), ("reuse", Reuse)):
-        for b in args.budgets:
-            t = measure_latency(run(b, source), **timing)["median_ms_per_image"]
-            print(f"  {name} N={args.steps} B={b}: {t:.2f} ms/img, speedup {vanilla / t:.2f}x "
-                  f"(limit N/B {args.steps / b:.2f}x, {vanilla / t / (args.steps / b):.0%} of it)")
+        runs |= {(name, b): run(b, source) for b in args.budgets}
+    ms = {key: t["median_ms_per_image"] for key, t in measure_latencies(runs, **timing).items()}
+    print(f"part 2: end to end, batch {B}, {args.threads} threads, every configuration's timed batches "
+          f"in rounds")
+    vanilla = ms.pop("vanilla")
+    print(f"  vanilla N={args.steps}: {vanilla:.2f} ms/img")
+    if whole_batch:
+        whole_ms = ms.pop("whole")
+        print(f"    the whole batch on {args.threads} intra-op threads instead of a slice per thread: "
+              f"{whole_ms:.2f} ms/img ({whole_ms / vanilla:.2f}x the time)")
+    for (name, b), t in ms.items():
+        print(f"  {name} N={args.steps} B={b}: {t:.2f} ms/img, speedup {vanilla / t:.2f}x "
+              f"(limit N/B {args.steps / b:.2f}x, {vanilla / t / (args.steps / b):.0%} of it)")
 
 
 def main() -> None:

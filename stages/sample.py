@@ -8,7 +8,8 @@ and labels, a grid of decoded samples of the first classes (prompts) and info.js
 stored: `evaluate` decodes the tokens batch by batch (50k samples at 512 px would be 39 GB of pixels
 per configuration). Latency is timed on the sampling itself, batch by batch at `sample.batch_size`
 (`migm_shortcut.latency`): warm-up batches dropped, the median of the rest, per image, with and
-without the decoder. A folder carries a fingerprint of everything that made it: a rerun skips the
+without the decoder; the configurations' timed batches run in rounds, so a drift in the machine's
+speed reaches them alike. A folder carries a fingerprint of everything that made it: a rerun skips the
 folders that are already right, so a killed or sharded run resumes, and `dvc repro` after workers
 filled the folders only checks them.
 """
@@ -23,7 +24,7 @@ from migm_shortcut.bases import load_base
 from migm_shortcut.config import SamplerSetting
 from migm_shortcut.hardware import hardware_identity
 from migm_shortcut.images import grid_images, grid_samples
-from migm_shortcut.latency import decoder_latency, sample_setting
+from migm_shortcut.latency import decoder_latency, sample_settings
 from migm_shortcut.placement import refresh_plan
 from migm_shortcut.sample_folders import (fingerprint, is_up_to_date, remove_other_folders, sample_conditions,
                                           sample_info, write_sample_folder)
@@ -83,15 +84,15 @@ def sample_grid(p, settings: list[SamplerSetting], dev, run, *, whole_grid: bool
     codes = torch.zeros(min(s.batch_size, decode_batch(p)), base.num_tokens, dtype=torch.long, device=dev)
     decoder_ms = decoder_latency(base.decode, codes, threads=s.threads, device=dev)
     shown = grid_samples(labels)
-    for setting in todo:
-        with tqdm(total=s.num_samples, desc=setting.name, unit="img", leave=False) as bar:
-            timed = sample_setting(setting, rules[setting.name], s, base, shortcut, cond, plans[setting.name], dev,
-                                   progress=bar.update)
-        grid = torch.cat([grid_images(base.decode(t.to(dev))) for t in timed.tokens[shown].split(decode_batch(p))])
-        info = sample_info(setting, plans[setting.name], s.num_samples, prints[setting.name],
-                           **timed.record(decoder_ms), **hardware_identity(dev, s.threads), device=str(dev))
-        write_sample_folder(SAMPLES / setting.name, timed.tokens, labels, grid, labels[shown], info)
-        print(f"sample {setting.name}: {info['latency_ms']:.2f} ms/image, {info['seconds']:.0f} s for {s.num_samples}")
+    with tqdm(total=len(todo) * s.num_samples, desc="sample", unit="img", leave=False) as bar:
+        configurations = [(setting, rules[setting.name], plans[setting.name]) for setting in todo]
+        for setting, timed in sample_settings(configurations, s, base, shortcut, cond, dev, progress=bar.update):
+            grid = torch.cat([grid_images(base.decode(t.to(dev))) for t in timed.tokens[shown].split(decode_batch(p))])
+            info = sample_info(setting, plans[setting.name], s.num_samples, prints[setting.name],
+                               **timed.record(decoder_ms), **hardware_identity(dev, s.threads), device=str(dev))
+            write_sample_folder(SAMPLES / setting.name, timed.tokens, labels, grid, labels[shown], info)
+            print(f"sample {setting.name}: {info['latency_ms']:.2f} ms/image, {info['seconds']:.0f} s for "
+                  f"{s.num_samples}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ def test_only_full_batches_after_the_warmup_are_timed():
         time.sleep(0.004 if ids == range(4, 8) else 0.2)  # untimed batches are slow
         return torch.tensor(list(ids))[:, None].repeat(1, 3)
 
-    timed = latency.sample_timed(sample_batch, num_samples=10, batch_size=4, warmup_batches=1, device=CPU)
+    [(name, timed)] = latency.sample_timed({"a": sample_batch}, num_samples=10, batch_size=4, warmup_batches=1,
+                                           device=CPU)
+    assert name == "a"
     assert batches == [range(0, 4), range(4, 8), range(8, 10)]
     assert torch.equal(timed.tokens[:, 0], torch.arange(10))  # every sample, in order
     assert timed.latency["repeats"] == 1
@@ -51,10 +53,34 @@ def test_only_full_batches_after_the_warmup_are_timed():
     assert record["latency_batch_size"] == 4 and record["peak_gpu_memory_mb"] is None
 
 
+def test_configurations_timed_together_see_a_drifting_machine_alike():
+    # A machine that slows down by 10 ms per batch: timed one configuration after the other, the
+    # first would look 6 batches' drift faster than the last; in rotated rounds, at most two.
+    calls = []
+
+    def sampler(name: str):
+        def sample_batch(ids: range) -> torch.Tensor:
+            calls.append((name, ids.start))
+            time.sleep(0.01 * len(calls))
+            return torch.full((len(ids), 2), ord(name))
+        return sample_batch
+
+    timed = dict(latency.sample_timed({n: sampler(n) for n in "abc"}, num_samples=9, batch_size=2,
+                                      warmup_batches=1, device=CPU))
+    # warm-ups, three rounds of timed batches (rotated), then each configuration's last sample
+    assert calls[:12] == [("a", 0), ("b", 0), ("c", 0), ("a", 2), ("b", 2), ("c", 2),
+                          ("b", 4), ("c", 4), ("a", 4), ("c", 6), ("a", 6), ("b", 6)]
+    assert calls[12:] == [("a", 8), ("b", 8), ("c", 8)]
+    medians = [timed[n].latency["median_ms_per_image"] for n in "abc"]
+    assert max(medians) - min(medians) <= 2.5 * 10 / 2  # two batches' drift (10 ms / 2 images), and noise
+    for n in "abc":
+        assert torch.equal(timed[n].tokens, torch.full((9, 2), ord(n))) and timed[n].latency["repeats"] == 3
+
+
 def test_no_timed_batch_is_refused():
     with pytest.raises(ValueError, match="no timed batch"):
-        latency.sample_timed(lambda ids: torch.zeros(len(ids), 1), num_samples=7, batch_size=4,
-                             warmup_batches=1, device=CPU)
+        next(latency.sample_timed({"a": lambda ids: torch.zeros(len(ids), 1)}, num_samples=7, batch_size=4,
+                                  warmup_batches=1, device=CPU))
 
 
 def test_every_sampler_name_has_its_feature_source():
@@ -69,7 +95,9 @@ def test_a_configuration_samples_what_the_sampler_samples(sampler):
         update={"num_samples": 7, "batch_size": 3, "warmup_batches": 1, "threads": 2, "compile": False})
     setting, rule = SamplerSetting(sampler=sampler, steps=6, budget=3), SamplingRule(steps=6, cfg=1.0, tau=4.5)
     cond, seen, refresh = torch.arange(7) % 3, [], [0, 1, 4]  # a placement other than the uniform one
-    out = latency.sample_setting(setting, rule, sample, base, shortcut, cond, refresh, CPU, progress=seen.append)
+    [(done, out)] = latency.sample_settings([(setting, rule, refresh)], sample, base, shortcut, cond, CPU,
+                                            progress=seen.append)
+    assert done == setting
     whole = generate(base, rule, cond, list(range(7)), sample.seed, refresh=refresh,
                      source=feature_source(sampler, base, shortcut))
     assert torch.equal(out.tokens, whole.tokens)
