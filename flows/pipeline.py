@@ -6,8 +6,8 @@
   stage records the result (it finds the work done: both stages resume).
 - `stage_unit`: one unit of work. With `distribute`, the pipeline runs each unit as a flow run of
   the `migm-stage-unit/unit` deployment, so any worker of the pool (one per GPU, on any machine)
-  takes it; the unit's inputs (dvc.lock, params.yaml, the models) and its output travel through
-  the DVC remote (flows/transfer.py). Without, the units are threads of the flow's own process.
+  takes it; the unit's inputs (dvc.lock, params.yaml, config/, the models) and its output travel
+  through the DVC remote (flows/transfer.py). Without, the units are threads of the flow's own process.
 - `sweep`: the sampler configurations of params.yaml, then recorded and evaluated.
 
 Every flow refuses a checkout at another commit than the deployed one. Stage output streams into
@@ -23,6 +23,7 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -44,7 +45,7 @@ from migm_shortcut.config import load_params  # noqa: E402
 from stages.cli import STAGES  # noqa: E402
 
 UNIT_DEPLOYMENT = "migm-stage-unit/unit"
-SPEC_FILES = ("dvc.lock", "params.yaml")  # what a unit needs besides code and models
+SPEC_FILES = ("dvc.lock", "params.yaml", "config")  # what a unit needs besides code and models
 
 
 class Killed(RuntimeError):
@@ -128,7 +129,7 @@ def _unit(project: str):
 @flow(name="migm-stage-unit", log_prints=True)
 def stage_unit(args: list[str], output: str, spec: str, commit: str | None = None, project: str = ".") -> dict:
     """One unit of work on this worker: `python ARGS` in this checkout with the run's dvc.lock,
-    params.yaml and models from the DVC remote; `output` (a path) goes back there. Its record
+    params.yaml, config/ and models from the DVC remote; `output` (a path) goes back there. Its record
     (output hash, worker, device) is the Prefect variable `migm-unit-<flow run id>`."""
     project = str(Path(project).resolve())
     check_commit(project, commit)
@@ -154,13 +155,15 @@ def _inputs(args: list[str], project: str) -> list[str]:
 
 
 def _spec(project: str) -> str:
-    """Push the models to the DVC remote, and dvc.lock + params.yaml as one object: its hash."""
+    """Push the models to the DVC remote, and the run's settings (dvc.lock, params.yaml, config/)
+    as one object: its hash."""
     import tempfile
 
     _run(["dvc", "push"], project)
     with tempfile.TemporaryDirectory() as tmp:
         for name in SPEC_FILES:
-            (Path(tmp) / name).write_bytes((Path(project) / name).read_bytes())
+            src = Path(project) / name
+            (shutil.copytree if src.is_dir() else shutil.copyfile)(src, Path(tmp) / name)
         return transfer.upload(Path(tmp), Path(project))
 
 

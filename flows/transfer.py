@@ -1,8 +1,8 @@
 """Files between machines through the project's DVC remote, named by their DVC hash.
 
-A flow's units of work run in other checkouts: the run's dvc.lock and params.yaml go to them, and
-their partial outputs (an extraction shard's units, a sampler configuration's folder) come back,
-as content-addressed objects of the DVC remote. Only the hash travels through Prefect. A scratch
+A flow's units of work run in other checkouts: the run's dvc.lock, params.yaml and config/ go to
+them, and their partial outputs (an extraction shard's units, a sampler configuration's folder)
+come back, as content-addressed objects of the DVC remote. Only the hash travels through Prefect. A scratch
 DVC repo (no git) does the transfers, so the checkout gains no .dvc files.
 """
 

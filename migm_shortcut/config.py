@@ -1,10 +1,17 @@
 """Typed configuration: one pydantic model per `params.yaml` section.
 
-A profile is a complete params file in `profiles/`; `migm profile NAME` validates it and puts it in
-place as `params.yaml`. Every error names the offending key (e.g. `sample.shortcut[1].budgets`) and
-is raised before any work starts.
+The settings of a run live in two places. `params.yaml` holds the experiment: the keys that sweeps
+vary (`EXPERIMENT`), which `dvc exp show` and `dvc params diff` list beside the headline metrics.
+`config/<section>.yaml` holds every other setting of that section (training recipes, batch sizes,
+plumbing), each written out; DVC reruns a stage when a config file it reads changes. A key written
+in params.yaml overrides the same key in config/ (`dvc exp run -S +shortcut.heads=4` adds one).
+
+A profile is one complete, commented file in `profiles/`; `migm profile NAME` validates it and
+splits it into params.yaml and config/. Every error names the offending key (e.g.
+`sample.shortcut[1].budgets`) and file, and is raised before any work starts.
 """
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +21,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .samplers import BASELINES, SAMPLERS, SHORTCUT, VANILLA
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+CONFIG_DIR = "config"  # beside params.yaml
+
+# The keys params.yaml holds: what the paper's figures and a new sweep vary, and the seeds of every
+# stage (a second seed of the whole pipeline is an edit of these). With the headline metrics they
+# stay within 40 columns of `dvc exp show`.
+EXPERIMENT = {
+    "data": ("dataset",),
+    "tokenizer": ("seed",),
+    "classifier": ("seed",),
+    "base": ("name", "published", "depth", "width", "steps", "seed"),
+    "sampling": ("steps", "cfg"),
+    "extract": ("store", "num_train", "seed"),
+    "shortcut": ("bottleneck_ratio", "unroll", "kl_weight", "steps", "lr", "seed"),
+    "sample": ("num_samples", "vanilla_steps", "shortcut", "baselines", "baseline_steps", "seed"),
+}
 
 
 class Section(BaseModel):
@@ -387,26 +409,101 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
         raise ConfigError(_format(err, source)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such params file (pick a profile: `migm profile default`)")
+def _read_mapping(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return parse_params(raw, str(path))
+        raise ConfigError(f"{path}: expected a mapping of {'keys' if path.parent.name == CONFIG_DIR else 'sections'} "
+                          "at the top level")
+    return raw
+
+
+def read_raw_params(path: str | Path = "params.yaml") -> dict:
+    """params.yaml's sections over the config/ files beside it, key by key: the raw mapping that
+    `load_params` validates. A config file must be named after a section and hold only its keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file (pick a profile: `migm profile default`)")
+    raw = _read_mapping(path)
+    folder = path.parent / CONFIG_DIR
+    for file in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+        section = Params.model_fields.get(file.stem)
+        if section is None:
+            raise ConfigError(f"{file}: no section {file.stem!r}; config/ holds one file per section of "
+                              f"{', '.join(Params.model_fields)}")
+        settings = _read_mapping(file)
+        if unknown := sorted(set(settings) - set(section.annotation.model_fields)):
+            raise ConfigError(f"{file}: unknown key {file.stem}.{unknown[0]}")
+        if isinstance(raw.get(file.stem, {}), dict):
+            raw[file.stem] = settings | raw.get(file.stem, {})
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    folder = path.parent / CONFIG_DIR
+    return parse_params(read_raw_params(path), f"{path} (with {folder}/)" if folder.is_dir() else str(path))
+
+
+_SECTION = re.compile(r"([A-Za-z_]\w*):")
+_KEY = re.compile(r"  ([A-Za-z_]\w*):")
+
+
+def split_profile(text: str) -> dict[str, str]:
+    """A profile's text -> {relative path: text}: params.yaml with the `EXPERIMENT` keys, and one
+    config/<section>.yaml per section with the rest (keys at the top level). Comment lines stay
+    with the key that follows them, a key's own comment and continuation lines with the key."""
+    header, sections, pending = [], {}, []  # sections: name -> (lead lines, header line, [(key, lines)])
+    for line in text.splitlines():
+        if _SECTION.match(line):
+            name = _SECTION.match(line)[1]
+            sections[name], pending = (pending, line, []), []
+        elif not sections:
+            header.append(line)
+        elif _KEY.match(line):
+            sections[name][2].append((_KEY.match(line)[1], pending + [line]))
+            pending = []
+        elif line.startswith("   ") and sections[name][2]:  # a key's value continues
+            sections[name][2][-1][1].append(line)
+        else:  # a comment or blank line: it belongs to what follows
+            pending.append(line)
+    params = header + [
+        "# params.yaml holds the experiment (the keys sweeps vary); every other setting of a section is",
+        "# in config/SECTION.yaml, and a key written here overrides it (`dvc exp run -S +shortcut.heads=4`)."]
+    files = {}
+    for name, (lead, head, keys) in sections.items():
+        kept = EXPERIMENT.get(name, ())
+        comment = head.partition("#")[2].strip()
+        ours = [line for key, lines in keys if key in kept for line in lines]
+        rest = [line.removeprefix("  ") for key, lines in keys if key not in kept for line in lines]
+        # Every section stays in params.yaml, empty ones as `{}`: DVC tracks the sections a stage
+        # reads there, and a key added to one later (`-S +evaluate.bootstrap=500`) reruns it.
+        params += lead + ([head] + ours if ours else [f"{name}: {{}}"])
+        if rest:
+            intro = [f"# `{name}` settings that the experiment (params.yaml) does not vary; params.yaml overrides them."]
+            intro += [f"# {comment}"] if comment else []
+            files[f"{CONFIG_DIR}/{name}.yaml"] = "\n".join(intro + rest) + "\n"
+    return {"params.yaml": "\n".join(params + pending) + "\n", **files}
 
 
 def use_profile(name: str, dest: str | Path = "params.yaml") -> Path:
-    """Validate profile NAME and copy it to `dest`, byte for byte (comments survive)."""
+    """Validate profile NAME and split it into `dest` (params.yaml) and the config/ folder beside
+    it, comments kept; config/ files no profile section writes are removed."""
     src = PROFILES_DIR / f"{name}.yaml"
     if not src.is_file():
         names = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
         raise ConfigError(f"unknown profile {name!r}; available: {', '.join(names)}")
-    load_params(src)
+    expected = load_params(src)
     dest = Path(dest)
-    dest.write_text(src.read_text())
+    files = split_profile(src.read_text())
+    folder = dest.parent / CONFIG_DIR
+    folder.mkdir(exist_ok=True)
+    for stale in set(folder.glob("*.yaml")) - {dest.parent / f for f in files}:
+        stale.unlink()
+    for rel, text in files.items():
+        (dest if rel == "params.yaml" else dest.parent / rel).write_text(text)
+    if load_params(dest) != expected:  # the split must not change a value
+        raise ConfigError(f"profiles/{name}.yaml: splitting it into {dest} and {folder}/ changed its values")
     return dest

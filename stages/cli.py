@@ -1,8 +1,10 @@
 """`migm`: the command line.
 
-    migm profile NAME          validate profiles/NAME.yaml and put it in place as params.yaml
+    migm profile NAME          validate profiles/NAME.yaml and split it into params.yaml (the
+                               experiment) and config/ (every other setting)
     migm stage NAME [ARGS]     run one stage (what dvc.yaml calls), e.g. `migm stage extract --worker 1 --workers 2`
-    migm check [FILE]          validate a params file without running anything
+    migm check [FILE]          validate a params file (with the config/ beside it) without running
+                               anything
     migm parent                the MLflow parent run of this pipeline run (made if missing): a
                                flow makes it before its units start, so they cannot race to make two
     migm pick --max-loss 5%    the fastest evaluated configuration within 5% (or, without %, an
@@ -27,7 +29,7 @@ STAGES = ("prepare", "tokenizer", "classifier", "reference", "base", "extract", 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="migm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("profile", help="switch params.yaml to a profile").add_argument("name")
+    sub.add_parser("profile", help="switch params.yaml and config/ to a profile").add_argument("name")
     stage = sub.add_parser("stage", help="run one pipeline stage")
     stage.add_argument("name", choices=STAGES)
     stage.add_argument("args", nargs=argparse.REMAINDER)
@@ -43,7 +45,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.command == "profile":
-            print(f"params.yaml <- profiles/{args.name}.yaml")
+            print(f"params.yaml, config/ <- profiles/{args.name}.yaml")
             use_profile(args.name)
         elif args.command == "check":
             load_params(args.file)

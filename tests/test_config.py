@@ -10,7 +10,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from migm_shortcut.config import PROFILES_DIR, ConfigError, Params, load_params, parse_params, use_profile
+from migm_shortcut.config import (CONFIG_DIR, EXPERIMENT, PROFILES_DIR, ConfigError, Params, load_params,
+                                  parse_params, read_raw_params, split_profile, use_profile)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -151,13 +152,55 @@ def test_load_params_names_file_and_key(tmp_path, smoke):
     assert str(path) in str(err.value) and "base.dpth" in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["default", "smoke"])
-def test_use_profile_copies_byte_for_byte(tmp_path, name):
+@pytest.mark.parametrize("name", sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
+def test_use_profile_splits_without_changing_a_value_or_losing_a_comment(tmp_path, name):
     dest = tmp_path / "params.yaml"
     dest.write_text("old: content\n")
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "old.yaml").write_text("a: 1\n")  # not a section of any profile: removed
     assert use_profile(name, dest) == dest
-    assert dest.read_bytes() == (PROFILES_DIR / f"{name}.yaml").read_bytes()
-    load_params(dest)
+    profile = (PROFILES_DIR / f"{name}.yaml").read_text()
+    assert load_params(dest) == load_params(PROFILES_DIR / f"{name}.yaml")
+    params = yaml.safe_load(dest.read_text())
+    assert {f"{s}.{k}" for s, keys in params.items() for k in keys} <= {
+        f"{s}.{k}" for s, keys in EXPERIMENT.items() for k in keys}
+    assert set(params) == set(Params.model_fields)  # every section, for DVC to track
+    written = dest.read_text() + "".join(f.read_text() for f in (tmp_path / "config").glob("*.yaml"))
+    comments = [line.partition("#")[2].strip() for line in profile.splitlines() if "#" in line]
+    assert all(c in written for c in comments)
+    assert not (tmp_path / "config" / "old.yaml").exists()
+
+
+def test_the_committed_params_are_the_default_profile_split():
+    """`migm profile default` reproduces params.yaml and config/ exactly, comments and all."""
+    files = split_profile((PROFILES_DIR / "default.yaml").read_text())
+    assert {f: (REPO / f).read_text() for f in files} == files
+    assert sorted((REPO / CONFIG_DIR).glob("*.yaml")) == sorted(REPO / f for f in files if f != "params.yaml")
+
+
+def test_params_yaml_overrides_config_key_by_key(tmp_path, smoke):
+    use_profile("smoke", tmp_path / "params.yaml")
+    assert load_params(tmp_path / "params.yaml").shortcut.heads == smoke["shortcut"]["heads"] == 2
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["shortcut"]["heads"] = 4  # what `dvc exp run -S +shortcut.heads=4` writes
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    p = load_params(tmp_path / "params.yaml")
+    assert p.shortcut.heads == 4 and p.shortcut.lr == smoke["shortcut"]["lr"]
+    assert p.shortcut.batch_size == smoke["shortcut"]["batch_size"]  # from config/shortcut.yaml
+
+
+@pytest.mark.parametrize("file, text, match", [
+    ("shortcut.yaml", "batch_sise: 8\n", "unknown key shortcut.batch_sise"),
+    ("shortcuts.yaml", "batch_size: 8\n", "no section 'shortcuts'"),
+    ("shortcut.yaml", "- 8\n", "mapping of keys"),
+    ("shortcut.yaml", "batch_size: -8\n", "shortcut.batch_size"),
+])  # fmt: skip
+def test_a_bad_config_file_is_named(tmp_path, file, text, match):
+    use_profile("smoke", tmp_path / "params.yaml")
+    (tmp_path / "config" / file).write_text(text)
+    with pytest.raises(ConfigError, match=match) as err:
+        load_params(tmp_path / "params.yaml")
+    assert "config" in str(err.value)
 
 
 def test_use_profile_rejects_unknown_profile(tmp_path):
@@ -241,5 +284,5 @@ def fields_missing(raw: dict, model: type[BaseModel], prefix: str = "") -> list[
 @pytest.mark.parametrize("path", sorted(PROFILES_DIR.glob("*.yaml")) + [REPO / "params.yaml"], ids=lambda p: p.name)
 def test_profiles_write_every_param_explicitly(path):
     """Defaults written out: `dvc params diff` shows them and a changed default reruns its stages."""
-    missing = fields_missing(yaml.safe_load(path.read_text()), Params)
+    missing = fields_missing(read_raw_params(path), Params)  # params.yaml: with config/
     assert not missing, f"{path.name} leaves {missing} to the defaults in config.py"

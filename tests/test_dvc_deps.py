@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from migm_shortcut.config import CONFIG_DIR, EXPERIMENT
+
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("migm_shortcut", "stages")
 # Modules that only log to MLflow or switch telemetry off: a change there (or in what only they
@@ -82,3 +84,18 @@ def test_dvc_yaml_lists_every_project_module_a_stage_imports(stage):
     assert f"{module.replace('.', '/')}.py" in needed  # the derivation found the entry point itself
     missing = sorted(f for f in needed if not covered(f, STAGES[stage]["deps"]))
     assert not missing, f"dvc.yaml stage {stage!r} imports {missing} but does not list them in deps"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_stage_that_tracks_a_section_depends_on_its_config_file(stage):
+    """A section's settings live in params.yaml (the experiment, and keys added there) and in
+    config/<section>.yaml: a stage tracking the section must depend on both, or a change to one
+    of its config settings would leave stale outputs up to date. A single key tracked alone must be
+    one of params.yaml's own."""
+    params, deps = STAGES[stage]["params"], STAGES[stage]["deps"]
+    sections = {p for p in params if "." not in p}
+    wanted = {f"{CONFIG_DIR}/{s}.yaml" for s in sections if (REPO / CONFIG_DIR / f"{s}.yaml").is_file()}
+    assert {d for d in deps if d.startswith(f"{CONFIG_DIR}/")} == wanted
+    for key in (p for p in params if "." in p):
+        section, name = key.split(".", 1)
+        assert name in EXPERIMENT.get(section, ()), f"{stage} tracks {key}, which lives in config/{section}.yaml"

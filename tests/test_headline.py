@@ -56,6 +56,15 @@ def test_hardware_identity_names_this_machine():
     assert identity["threads"] == 3 and identity["torch"] == torch.__version__ and identity["hardware"]
 
 
+def default_headline(params: Path) -> dict:
+    """The headline of the default grid with every question answered (the most keys it can have)."""
+    p = load_params(params)
+    rows = [{"name": s.name, "sampler": s.sampler, "steps": s.steps, "budget": s.budget,
+             "latency_ms": float(s.budget), "speedup_vs_reference": p.sampling.steps / s.budget,
+             "fid": 20.0, "fid_minus_reuse": 0.0} for s in p.sample.settings()]
+    return headline(rows, p.sampling.steps, FID, 0.4)
+
+
 def test_the_one_dvc_metrics_file_is_the_headline_within_20_columns():
     """`dvc exp show` and `dvc metrics diff` show every key of every metrics file dvc.yaml declares:
     only the headline, whose keys on the default grid (every question answered) stay within 20."""
@@ -63,8 +72,14 @@ def test_the_one_dvc_metrics_file_is_the_headline_within_20_columns():
     declared = [path for stage in stages.values() for entry in stage.get("metrics", [])
                 for path in (entry if isinstance(entry, dict) else [entry])]
     assert declared == ["data/report/headline.json"]
-    p = load_params(PROFILES_DIR / "default.yaml")
-    rows = [{"name": s.name, "sampler": s.sampler, "steps": s.steps, "budget": s.budget,
-             "latency_ms": float(s.budget), "speedup_vs_reference": p.sampling.steps / s.budget,
-             "fid": 20.0, "fid_minus_reuse": 0.0} for s in p.sample.settings()]
-    assert len(headline(rows, p.sampling.steps, FID, 0.4)) <= 20
+    assert len(default_headline(PROFILES_DIR / "default.yaml")) <= 20
+
+
+def test_exp_show_lists_at_most_40_params_and_metrics():
+    """`dvc exp show` lists every leaf of params.yaml (not of config/, whose files show as hashes)
+    beside the headline metrics: the experiment's keys keep it within 40 columns."""
+    def leaves(node) -> int:
+        return sum(map(leaves, node.values())) if isinstance(node, dict) else 1
+
+    params = REPO / "params.yaml"
+    assert leaves(yaml.safe_load(params.read_text())) + len(default_headline(params)) <= 40
