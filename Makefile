@@ -8,8 +8,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 run: $(VENV)/.installed  ## the whole pipeline on the current params.yaml (default profile: MNIST)
 	dvc repro
 
-test: $(VENV)/.installed  ## the test suite (smoke profile)
-	$(PY) -m pytest
+test: $(VENV)/.installed  ## the test suite (smoke profile), on two workers (tests/conftest.py)
+	$(PY) -m pytest -n 2 --dist loadscope
 
 setup: $(VENV)/.installed
 

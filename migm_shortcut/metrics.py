@@ -18,8 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.image.inception import InceptionScore
-from torchmetrics.image.kid import KernelInceptionDistance
 
 # ----------------------------------------------------------------------------- feature extractors
 
@@ -136,6 +134,8 @@ def _buffer_warning_off() -> Iterator[None]:
 
 def kid(real: Tensor, fake: Tensor, *, subset_size: int, subsets: int = 100, seed: int = 0) -> tuple[float, float]:
     """torchmetrics KID (mean, std over random subsets), float64; subsets clipped to the set sizes."""
+    from torchmetrics.image.kid import KernelInceptionDistance  # 1.6 s to import: only where scored
+
     size = min(subset_size, len(real), len(fake))
     with _buffer_warning_off():
         metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=size)
@@ -150,6 +150,8 @@ def kid(real: Tensor, fake: Tensor, *, subset_size: int, subsets: int = 100, see
 
 def inception_score(logits: Tensor, *, splits: int = 10, seed: int = 0) -> tuple[float, float]:
     """torchmetrics Inception Score (mean, std over splits) from classifier logits, float64."""
+    from torchmetrics.image.inception import InceptionScore
+
     with _buffer_warning_off():
         metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=splits).to(logits.device)
     metric.update(logits.double())

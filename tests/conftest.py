@@ -62,7 +62,10 @@ def flow_project(project, tmp_path_factory) -> Path:
 
     It starts from the same trained base, because training on a multi-threaded CPU is not bitwise
     reproducible across processes; from there, everything the two workers make must equal the
-    one-worker run's."""
+    one-worker run's. Its grid is narrowed to one configuration per feature source (two waves of
+    units, not five): a unit is a process of its own, seconds each."""
+    import yaml
+
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.pipeline import pipeline
@@ -72,6 +75,10 @@ def flow_project(project, tmp_path_factory) -> Path:
     shutil.copytree(project, root, ignore=shutil.ignore_patterns("tmp", "mlruns.db*", ".migm"))
     for artifact in ("trajectories.zarr", "samples"):
         shutil.rmtree(root / "data" / artifact)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    n = params["sampling"]["steps"]
+    params["sample"] |= {"vanilla_steps": [n], "shortcut": [{"steps": n, "budgets": [3]}], "baseline_steps": [n]}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.delenv("MIGM_PIPELINE_RUN", raising=False)
@@ -152,3 +159,32 @@ def prefect_server(tmp: Path, deploy_from: Path):
         yield env, cli
     finally:
         stop(server)
+
+
+# `make test` runs the suite on two workers (pytest-xdist, `--dist loadscope`): a module's tests share
+# a worker, so its module fixtures are built once, and these modules, which use the session's smoke
+# pipeline (fixtures `project` and `flow_project`, minutes to build), share one worker.
+PIPELINE_MODULES = {"test_flows", "test_flows_pool", "test_pipeline"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        defs = item._fixtureinfo.name2fixturedefs
+        uses = [n for n in ("project", "flow_project") if defs.get(n) and defs[n][-1].scope == "session"]
+        if uses and item.module.__name__ not in PIPELINE_MODULES:
+            raise pytest.UsageError(f"{item.nodeid} uses {uses[0]}: add {item.module.__name__} to "
+                                    "conftest.PIPELINE_MODULES, or the pipeline is built once per worker")
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "pipeline" if Path(module).stem in PIPELINE_MODULES else module
+
+    return ModuleScheduling(config, log)

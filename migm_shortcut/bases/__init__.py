@@ -12,7 +12,6 @@ import torch
 from ..checkpoint import load_model
 from ..tokenizer import VQTokenizer
 from .contract import MaskedBase
-from .dimoo import build_dimoo
 from .maskgit import build_maskgit_imagenet
 from .tiny_maskgit import TinyMaskGIT
 
@@ -29,8 +28,14 @@ def _build_tiny_maskgit(config: dict) -> MaskedBase:
     return TinyMaskGIT(VQTokenizer(**config["tokenizer"]), num_classes=config["num_classes"], **config["model"])
 
 
+def _build_dimoo(config: dict) -> MaskedBase:
+    from .dimoo import build_dimoo  # imports transformers (half a second): only for a DiMOO base
+
+    return build_dimoo(config)
+
+
 BASES: dict[str, Callable[[dict], MaskedBase]] = {"tiny-maskgit": _build_tiny_maskgit, "maskgit-imagenet": build_maskgit_imagenet,
-                                                  "dimoo": build_dimoo}
+                                                  "dimoo": _build_dimoo}
 
 
 def build_base(config: dict) -> MaskedBase:

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 from ..config import BaseConfig
 from .contract import MaskedBase
-from .dimoo import load_dimoo
 from .maskgit import load_maskgit_imagenet
 
 
@@ -17,6 +16,8 @@ def load_published(b: BaseConfig, image_size: int,
     image_size: data.image_size; uncond_prompt: the unconditional template's ids (DiMOO only)."""
     files = b.published.files
     if b.name == "dimoo":
+        from .dimoo import load_dimoo  # imports transformers: only for a DiMOO base
+
         base = load_dimoo(files["model"], image_size=image_size, prompt_len=b.published.prompt_len,
                           uncond_prompt=uncond_prompt)
         cfg = base.llada.config
