@@ -415,8 +415,8 @@ def _read_mapping(path: Path) -> dict:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of {'keys' if path.parent.name == CONFIG_DIR else 'sections'} "
-                          "at the top level")
+        what = "keys" if path.parent.name == CONFIG_DIR else "sections"
+        raise ConfigError(f"{path}: expected a mapping of {what} at the top level")
     return raw
 
 
@@ -482,7 +482,8 @@ def split_profile(text: str) -> dict[str, str]:
         # reads there, and a key added to one later (`-S +evaluate.bootstrap=500`) reruns it.
         params += lead + ([head] + ours if ours else [f"{name}: {{}}"])
         if rest:
-            intro = [f"# `{name}` settings that the experiment (params.yaml) does not vary; params.yaml overrides them."]
+            intro = [f"# `{name}` settings that the experiment (params.yaml) does not vary; "
+                     "params.yaml overrides them."]
             intro += [f"# {comment}"] if comment else []
             files[f"{CONFIG_DIR}/{name}.yaml"] = "\n".join(intro + rest) + "\n"
     return {"params.yaml": "\n".join(params + pending) + "\n", **files}

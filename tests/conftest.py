@@ -77,7 +77,8 @@ def flow_project(project, tmp_path_factory) -> Path:
         shutil.rmtree(root / "data" / artifact)
     params = yaml.safe_load((root / "params.yaml").read_text())
     n = params["sampling"]["steps"]
-    params["sample"] |= {"vanilla_steps": [n], "shortcut": [{"steps": n, "budgets": [3]}], "baseline_steps": [n]}
+    params["sample"] |= {"vanilla_steps": [n], "shortcut": [{"steps": n, "budgets": [3]}],
+                         "baseline_steps": [n]}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -98,4 +98,4 @@ def test_a_stage_that_tracks_a_section_depends_on_its_config_file(stage):
     assert {d for d in deps if d.startswith(f"{CONFIG_DIR}/")} == wanted
     for key in (p for p in params if "." in p):
         section, name = key.split(".", 1)
-        assert name in EXPERIMENT.get(section, ()), f"{stage} tracks {key}, which lives in config/{section}.yaml"
+        assert name in EXPERIMENT.get(section, ()), f"{stage} tracks {key}, a key of config/{section}.yaml"
