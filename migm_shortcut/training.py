@@ -44,7 +44,7 @@ def check_finite(loss: torch.Tensor, step: int, what: str) -> None:
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on GPU; plain fp32 on CPU (no bf16 matmul units on these CPUs)."""
+    """bf16 autocast on GPU; plain fp32 on CPU (bf16 gave 5-8% there: BENCHMARKS.md, section 2)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
