@@ -7,7 +7,8 @@
 - `stage_unit`: one unit of work. With `distribute`, the pipeline runs each unit as a flow run of
   the `migm-stage-unit/unit` deployment, so any worker of the pool (one per GPU, on any machine)
   takes it; the unit's inputs (dvc.lock, params.yaml, config/, the models) and its output travel
-  through the DVC remote (flows/transfer.py). Without, the units are threads of the flow's own process.
+  through the DVC remote (flows/transfer.py). Without, the units are threads of the flow's own
+  process.
 - `sweep`: the sampler configurations of params.yaml, then recorded and evaluated.
 
 Every flow refuses a checkout at another commit than the deployed one. Stage output streams into
@@ -129,8 +130,8 @@ def _unit(project: str):
 @flow(name="migm-stage-unit", log_prints=True)
 def stage_unit(args: list[str], output: str, spec: str, commit: str | None = None, project: str = ".") -> dict:
     """One unit of work on this worker: `python ARGS` in this checkout with the run's dvc.lock,
-    params.yaml, config/ and models from the DVC remote; `output` (a path) goes back there. Its record
-    (output hash, worker, device) is the Prefect variable `migm-unit-<flow run id>`."""
+    params.yaml, config/ and models from the DVC remote; `output` (a path) goes back there. Its
+    record (output hash, worker, device) is the Prefect variable `migm-unit-<flow run id>`."""
     project = str(Path(project).resolve())
     check_commit(project, commit)
     transfer.download(spec, Path(project), Path(project), overwrite=True)

@@ -2,8 +2,8 @@
 
 A flow's units of work run in other checkouts: the run's dvc.lock, params.yaml and config/ go to
 them, and their partial outputs (an extraction shard's units, a sampler configuration's folder)
-come back, as content-addressed objects of the DVC remote. Only the hash travels through Prefect. A scratch
-DVC repo (no git) does the transfers, so the checkout gains no .dvc files.
+come back, as content-addressed objects of the DVC remote. Only the hash travels through Prefect.
+A scratch DVC repo (no git) does the transfers, so the checkout gains no .dvc files.
 """
 
 import shutil

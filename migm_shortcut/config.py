@@ -420,14 +420,10 @@ def _read_mapping(path: Path) -> dict:
     return raw
 
 
-def read_raw_params(path: str | Path = "params.yaml") -> dict:
-    """params.yaml's sections over the config/ files beside it, key by key: the raw mapping that
-    `load_params` validates. A config file must be named after a section and hold only its keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such params file (pick a profile: `migm profile default`)")
-    raw = _read_mapping(path)
-    folder = path.parent / CONFIG_DIR
+def with_config(raw: dict, params_file: str | Path) -> dict:
+    """`raw` (params_file's sections) over the config/ files beside params_file, key by key. A
+    config file must be named after a section and hold only its keys."""
+    folder = Path(params_file).parent / CONFIG_DIR
     for file in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
         section = Params.model_fields.get(file.stem)
         if section is None:
@@ -439,6 +435,14 @@ def read_raw_params(path: str | Path = "params.yaml") -> dict:
         if isinstance(raw.get(file.stem, {}), dict):
             raw[file.stem] = settings | raw.get(file.stem, {})
     return raw
+
+
+def read_raw_params(path: str | Path = "params.yaml") -> dict:
+    """The raw mapping that `load_params` validates: params.yaml `with_config`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file (pick a profile: `migm profile default`)")
+    return with_config(_read_mapping(path), path)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -457,13 +461,13 @@ def split_profile(text: str) -> dict[str, str]:
     with the key that follows them, a key's own comment and continuation lines with the key."""
     header, sections, pending = [], {}, []  # sections: name -> (lead lines, header line, [(key, lines)])
     for line in text.splitlines():
-        if _SECTION.match(line):
-            name = _SECTION.match(line)[1]
+        if section := _SECTION.match(line):
+            name = section[1]
             sections[name], pending = (pending, line, []), []
         elif not sections:
             header.append(line)
-        elif _KEY.match(line):
-            sections[name][2].append((_KEY.match(line)[1], pending + [line]))
+        elif key := _KEY.match(line):
+            sections[name][2].append((key[1], pending + [line]))
             pending = []
         elif line.startswith("   ") and sections[name][2]:  # a key's value continues
             sections[name][2][-1][1].append(line)

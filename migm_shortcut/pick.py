@@ -11,7 +11,7 @@ questions, both answered only from measured configurations (nothing is interpola
 
 from pathlib import Path
 
-from .config import SamplerSetting, parse_params, read_raw_params
+from .config import SamplerSetting, parse_params, with_config
 from .report import CLIP_SCORE, FID, Quality
 from .samplers import SHORTCUT, VANILLA
 
@@ -111,9 +111,7 @@ def write_choice(params_file: Path, row: dict, reference_steps: int) -> None:
     yaml = YAML()
     yaml.indent(mapping=2, sequence=4, offset=2)
     doc = yaml.load(Path(params_file).read_text())
-    grid = narrowed_grid(row, reference_steps)
-    doc["sample"].update(grid)
-    raw = read_raw_params(params_file)  # with the config/ files beside it
-    parse_params(raw | {"sample": raw["sample"] | grid}, str(params_file))
+    doc["sample"].update(narrowed_grid(row, reference_steps))
+    parse_params(with_config(dict(doc), params_file), str(params_file))
     with Path(params_file).open("w") as f:
         yaml.dump(doc, f)

@@ -8,10 +8,10 @@ and labels, a grid of decoded samples of the first classes (prompts) and info.js
 stored: `evaluate` decodes the tokens batch by batch (50k samples at 512 px would be 39 GB of pixels
 per configuration). Latency is timed on the sampling itself, batch by batch at `sample.batch_size`
 (`migm_shortcut.latency`): warm-up batches dropped, the median of the rest, per image, with and
-without the decoder; the configurations' timed batches run in rounds, so a drift in the machine's
-speed reaches them alike. A folder carries a fingerprint of everything that made it: a rerun skips the
-folders that are already right, so a killed or sharded run resumes, and `dvc repro` after workers
-filled the folders only checks them.
+without the decoder; the configurations' timed batches run in rounds, so a drift in the
+machine's speed reaches them alike. A folder carries a fingerprint of everything that made it: a
+rerun skips the folders that are already right, so a killed or sharded run resumes, and `dvc
+repro` after workers filled the folders only checks them.
 """
 
 import argparse
