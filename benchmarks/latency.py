@@ -35,6 +35,7 @@ from migm_shortcut.bases import build_base, load_base, tiny_maskgit_config  # no
 from migm_shortcut.bases.dimoo import (CODEBOOK, IMAGE_OFFSET, LLaDAConfig, LLaDAModelLM,  # noqa: E402
                                        LuminaDiMOO)
 from migm_shortcut.config import load_params  # noqa: E402
+from migm_shortcut.hardware import keep_freed_memory  # noqa: E402
 from migm_shortcut.latency import measure_latencies, measure_latency  # noqa: E402
 from migm_shortcut.noise import sample_keys  # noqa: E402
 from migm_shortcut.sampling import (FeatureSource, Learned, Reuse, StepState, commit_step,  # noqa: E402
@@ -190,7 +191,8 @@ def main() -> None:
         parser.error("a published profile is timed with --random (its architecture, random weights); the trained "
                      "base's own latencies are in data/samples/*/info.json")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with fixed_threads(args.threads), torch.no_grad():
+    keep_freed_memory()  # as every stage does (stages/common.py)
+    with fixed_threads(args.threads), torch.inference_mode():  # as `generate` samples
         base, shortcut = models(args, p, dev)
         if args.compile:  # compiled at the first (warm-up) call of each shape
             base, shortcut = base.compile_features(), compiled(shortcut)

@@ -25,7 +25,7 @@ from .schedules import REVEAL, SamplingRule, cfg_weight, noise_scale, refresh_st
 
 # Names the sampler's arithmetic (noise, draws): recorded with trajectories and sample sets, so that
 # outputs of an earlier sampler are redone instead of resumed or kept.
-SAMPLER_VERSION = "counter-hash noise, inverse-CDF draws, masked positions only"
+SAMPLER_VERSION = "counter-hash noise, inverse-CDF draws, masked positions only, CFG on features"
 
 
 @dataclass
@@ -140,16 +140,26 @@ def draw(guided: torch.Tensor, u_draw: torch.Tensor, u_conf: torch.Tensor, tau: 
     return drawn[..., 0], logp + tau * _gumbel(u_conf)
 
 
-def guided_logits(logits: torch.Tensor, rule: SamplingRule, step: int | torch.Tensor) -> torch.Tensor:
-    """The logits the sampler draws from at `step` (SPEC section 3: CFG, then the temperature).
+def guided(x: torch.Tensor, rule: SamplingRule, step: int | torch.Tensor) -> torch.Tensor:
+    """CFG (SPEC section 3) over rows (cond..., uncond...) of x [2B, ...]: (1 + w) cond - w uncond
+    in float32 [B, ...], w the rule's weight at `step`: an int, or one step per pair [B] (training).
 
-    logits [2B, M, K]: the head's output for rows (cond..., uncond...); step: an int, or one step
-    per pair [B] (training). Returns [B, M, K] in float32."""
-    c, u = logits.float().chunk(2)
+    Logits or features alike: a base's head is affine (the contract), and the two weights sum to 1,
+    so the head of the guided features is the guided logits, at half the head's work."""
+    c, u = x.float().chunk(2)
     w = cfg_weight(rule.cfg, step, rule.steps) if rule.ramp else rule.cfg
     if isinstance(w, torch.Tensor):
-        w = w.to(c.dtype).reshape(-1, 1, 1)
-    return ((1 + w) * c - w * u) / rule.temperature
+        w = w.to(c.dtype).reshape(-1, *[1] * (c.dim() - 1))
+    return (1 + w) * c - w * u
+
+
+def guided_logits(logits: torch.Tensor, rule: SamplingRule, step: int | torch.Tensor
+                  ) -> torch.Tensor:
+    """The logits the sampler draws from at `step` (SPEC section 3: CFG, then the temperature).
+
+    logits [2B, M, K]: the head's output for rows (cond..., uncond...); step: as in `guided`.
+    Returns [B, M, K] in float32."""
+    return guided(logits, rule, step) / rule.temperature
 
 
 @dataclass
@@ -163,21 +173,22 @@ class Commit:
 
 def commit_step(base: MaskedBase, rule: SamplingRule, f: torch.Tensor, masked: torch.Tensor,
                 keys: torch.Tensor, step: int, count: int, amp=nullcontext()) -> Commit:
-    """The sampler's own work at one step, after the feature: the head at the still-masked
-    positions `masked` [B, M] of both branches of f [2B, S, D], CFG, temperature, the draws and the
-    confidence noise (hashed from `keys`, see `noise.py`), and the choice of the `count` most
-    confident positions. The same for every feature source."""
+    """The sampler's own work at one step, after the feature: CFG on the features f [2B, S, D] of
+    both branches (`guided`: equal to CFG on the logits), the head at the still-masked positions
+    `masked` [B, M], temperature, the draws and the confidence noise (hashed from `keys`, see
+    `noise.py`), and the choice of the `count` most confident positions. The same for every
+    feature source."""
     with amp:
-        logits = base.head(f, masked.repeat(2, 1))
+        logits = base.head(guided(f, rule, step), masked)
     tau = noise_scale(rule.tau, step, rule.steps) if rule.ramp else rule.tau
-    drawn, conf = draw(guided_logits(logits, rule, step), uniforms(keys, step, masked, 0),
+    drawn, conf = draw(logits.float() / rule.temperature, uniforms(keys, step, masked, 0),
                        uniforms(keys, step, masked, 1), tau)
     ranked = conf.argsort(dim=1, descending=True)  # the first `count` are committed
     chosen = ranked[:, :count]
     return Commit(masked.gather(1, chosen), drawn.gather(1, chosen), masked.gather(1, ranked[:, count:]))
 
 
-@torch.no_grad()
+@torch.inference_mode()  # not just no_grad: no view or version tracking on the many small ops
 def generate(base: MaskedBase, rule: SamplingRule, cond: torch.Tensor, sample_ids: list[int], seed: int, *,
              budget: int | None = None, refresh: list[int] | None = None, source: FeatureSource | None = None,
              record: bool = False, autocast_dtype: torch.dtype | None = None) -> SampleOutput:

@@ -66,7 +66,28 @@ class Attention(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
         """rope: (query positions [B, S], key positions [B, T], theta) for rotary attention."""
         k, v = self.kv(context).chunk(2, dim=-1)
+        if mask is None and rope is None and self.heads * k.shape[1] <= x.shape[-1]:
+            return self._over_few_keys(x, k, v)
         return self.proj(attention(self.q(x), k, v, self.heads, mask, rope))
+
+    def _over_few_keys(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The same attention when heads x keys <= width (the few tokens a sampling step commits).
+
+        Each head's query and output projections move onto its keys and values: q_h . k =
+        x . (Wq_h^T k) + bq_h . k, and Wo_h (a v) = a (Wo_h v). Nothing is then projected at the S
+        query positions, and the softmax runs over the key axis with the S positions innermost:
+        torch's CPU softmax is slow over a short last axis (BENCHMARKS.md, section 1)."""
+        B, T, D = k.shape
+        h = self.heads
+        w = D // h
+        k = k.view(B, T, h, w) * w**-0.5
+        q_bias, out_bias = (k.new_zeros(D) if b is None else b for b in (self.q.bias, self.proj.bias))
+        keys = torch.einsum("bthw,hwd->bhtd", k, self.q.weight.view(h, w, D)).reshape(B, h * T, D)
+        key_bias = torch.einsum("bthw,hw->bht", k, q_bias.view(h, w)).reshape(B, h * T, 1)
+        values = torch.einsum("bthw,dhw->bhtd", v.view(B, T, h, w), self.proj.weight.view(D, h, w))
+        scores = torch.baddbmm(key_bias, keys, x.transpose(1, 2)).view(B, h, T, -1)  # [B, h, T, S]
+        weights = scores.softmax(2).view(B, h * T, -1).transpose(1, 2)
+        return torch.baddbmm(out_bias, weights, values.reshape(B, h * T, D))
 
 
 def ffn(dim: int) -> nn.Module:

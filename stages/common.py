@@ -1,4 +1,5 @@
-"""What every stage shares: telemetry off, the project root, params, device, JSON outputs, MLflow."""
+"""What every stage shares: telemetry off, freed memory kept, the project root, params, device,
+JSON outputs, MLflow."""
 
 import argparse
 import contextlib
@@ -17,10 +18,13 @@ telemetry.switch_off()  # before torch, mlflow and transformers are imported
 import torch  # noqa: E402
 
 from migm_shortcut import tracking  # noqa: E402
+from migm_shortcut.hardware import keep_freed_memory  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE  # noqa: E402
 
 from migm_shortcut.config import ConfigError, Params, load_params  # noqa: E402
 from migm_shortcut.data import DatasetNotFoundError, read_prompts  # noqa: E402
+
+keep_freed_memory()  # every stage process: no page faults for reused activation memory
 
 DATA = Path("data")
 PARAMS_FILE = Path("params.yaml")

@@ -153,6 +153,10 @@ def test_features_head_and_embedding_match_published_forward(base, state):
         f = base.features(tokens, cond)
         logits = base.head(f)
     assert f.shape == (4, base.seq_len, TINY.d_model)
+    # the head is affine: the sampler guides features before it (sampling.guided)
+    with torch.no_grad():
+        torch.testing.assert_close(base.head(3 * f[:2] - 2 * f[2:]), 3 * logits[:2] - 2 * logits[2:],
+                                   rtol=1e-4, atol=1e-4)
     ff_out = state["model.transformer.ff_out.weight"]
     for row, prompt in enumerate(PROMPTS):
         segment = torch.tensor(image_segment(SIDE, SIDE))

@@ -181,6 +181,10 @@ def test_features_and_head_match_published_forward(base, states):
         logits = base.head(f)
     assert f.shape == (4, L + 1, TINY.hidden) and torch.equal(base.image_positions, torch.arange(L))
     torch.testing.assert_close(logits, ref[..., :K], rtol=1e-4, atol=1e-5)
+    # the head is affine: the sampler guides features before it (sampling.guided)
+    with torch.no_grad():
+        torch.testing.assert_close(base.head(3 * f[:2] - 2 * f[2:]), 3 * logits[:2] - 2 * logits[2:],
+                                   rtol=1e-4, atol=1e-4)
     # f is last_layer's output: a LayerNorm with the checkpoint's scale and shift
     y = (f - states[0]["last_layer.4.bias"]) / states[0]["last_layer.4.weight"]
     torch.testing.assert_close(y.mean(-1), torch.zeros(4, L + 1), atol=1e-5, rtol=0)

@@ -8,8 +8,9 @@ from tiny_models import make_base, make_shortcut, one_thread  # noqa: F401 (auto
 
 from migm_shortcut.checkpoint import save_model
 from migm_shortcut.noise import sample_keys, uniforms
-from migm_shortcut.sampling import Extrapolate, FeatureSource, Learned, Reuse, StepState, draw, fixed_threads, generate, generate_on_cores
-from migm_shortcut.schedules import SamplingRule, refresh_steps, reveal_counts
+from migm_shortcut.sampling import (Extrapolate, FeatureSource, Learned, Reuse, StepState, commit_step, draw,
+                                    fixed_threads, generate, generate_on_cores, guided_logits)
+from migm_shortcut.schedules import SamplingRule, noise_scale, refresh_steps, reveal_counts
 from migm_shortcut.shortcut import load_shortcut
 
 SEED = 7
@@ -38,6 +39,25 @@ def sources(base, shortcut):
 
 
 # (a) B = N: every source is the vanilla sampler
+
+
+@pytest.mark.parametrize("step", [2, 6])
+def test_a_step_guides_the_logits(base, step):
+    """commit_step guides the two branches' features before one head: the draws are those of
+    CFG on the two heads' logits (SPEC section 3), since the head is affine."""
+    rule, B, M = SamplingRule(steps=8, cfg=3.0, tau=4.5, temperature=1.5), 4, 20
+    g = torch.Generator().manual_seed(step)
+    f = torch.randn(2 * B, base.seq_len, base.dim, generator=g)
+    masked = torch.stack([torch.randperm(base.num_tokens, generator=g)[:M] for _ in range(B)])
+    keys = sample_keys(SEED, torch.arange(B))
+    with torch.no_grad():
+        commit = commit_step(base, rule, f, masked, keys, step, 5)
+        logits = guided_logits(base.head(f, masked.repeat(2, 1)), rule, step)
+    drawn, conf = draw(logits, uniforms(keys, step, masked, 0), uniforms(keys, step, masked, 1),
+                       noise_scale(rule.tau, step, rule.steps))
+    chosen = conf.argsort(dim=1, descending=True)[:, :5]
+    assert torch.equal(commit.positions, masked.gather(1, chosen))
+    assert torch.equal(commit.ids, drawn.gather(1, chosen))
 
 
 @pytest.mark.parametrize("kind", ["shortcut", "reuse", "extrapolate"])

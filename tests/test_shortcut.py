@@ -6,7 +6,8 @@ import torch
 from tiny_models import SHORTCUT_SPEC, make_base, make_shortcut, one_thread  # noqa: F401 (autouse fixture)
 
 from migm_shortcut.schedules import reveal_counts
-from migm_shortcut.shortcut import Shortcut, ShortcutSpec
+from migm_shortcut.layers import attention
+from migm_shortcut.shortcut import Attention, Shortcut, ShortcutSpec
 from migm_shortcut.store import PairDataset, TrajectoryStore
 from migm_shortcut.train_shortcut import validate_shortcut
 from migm_shortcut.training import EMA, check_finite
@@ -72,6 +73,29 @@ def test_cross_attention_sees_only_new_tokens():
         new_changed = shortcut(f, torch.where(new_mask[..., None], noise, new_embed), new_mask, ratio)
     torch.testing.assert_close(out, old_changed, rtol=0, atol=1e-5)
     assert not torch.allclose(out, new_changed)
+
+
+@pytest.mark.parametrize("keys", [1, 3, 16])  # heads x keys <= width: the keys carry the projections
+def test_attention_over_few_keys_is_the_same_attention(keys):
+    torch.manual_seed(0)
+    attn = Attention(D, heads=2)
+    x, context = torch.randn(B, S, D), torch.randn(B, keys, D)
+    with torch.no_grad():
+        k, v = attn.kv(context).chunk(2, dim=-1)
+        expected = attn.proj(attention(attn.q(x), k, v, 2))
+        torch.testing.assert_close(attn(x, context), expected)
+
+
+def test_gathered_new_tokens_give_what_the_masked_ones_give():
+    """The sampler hands the shortcut only the new tokens (few keys); training, all L under a mask."""
+    shortcut = make_shortcut()
+    f, new_embed, _, ratio = inputs()
+    positions = torch.stack([torch.randperm(L, generator=torch.Generator().manual_seed(r))[:3] for r in range(B)])
+    new_mask = torch.zeros(B, L, dtype=torch.bool).scatter(1, positions, True)
+    gathered = new_embed.gather(1, positions[..., None].expand(-1, -1, D))
+    with torch.no_grad():
+        torch.testing.assert_close(shortcut(f, gathered, None, ratio, new_positions=positions),
+                                   shortcut(f, new_embed, new_mask, ratio), rtol=1e-4, atol=1e-5)
 
 
 def test_samples_are_independent_of_their_batch():

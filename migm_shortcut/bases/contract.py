@@ -38,7 +38,10 @@ class MaskedBase(nn.Module, ABC):
     @abstractmethod
     def head(self, f: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Features [B, S, D] -> logits over the image codebook [B, M, K] at image token indices
-        `positions` [B, M] (None: all L in order). The sampler asks only for still-masked ones."""
+        `positions` [B, M] (None: all L in order). The sampler asks only for still-masked ones.
+
+        Affine in f (a projection, plus a bias): the sampler guides the features of the two CFG
+        branches before the head instead of their logits (`sampling.guided`), one head, not two."""
 
     @abstractmethod
     def embed_tokens(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
