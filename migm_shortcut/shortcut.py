@@ -81,8 +81,8 @@ class Attention(nn.Module):
         h = self.heads
         w = D // h
         k = k.view(B, T, h, w) * w**-0.5
-        zero = k.new_zeros(D)
-        q_bias, out_bias = (zero if b is None else b for b in (self.q.bias, self.proj.bias))
+        q_bias = k.new_zeros(D) if self.q.bias is None else self.q.bias  # no tensor made per call
+        out_bias = k.new_zeros(D) if self.proj.bias is None else self.proj.bias  # when biased
         keys = torch.einsum("bthw,hwd->bhtd", k, self.q.weight.view(h, w, D)).reshape(B, h * T, D)
         key_bias = torch.einsum("bthw,hw->bht", k, q_bias.view(h, w)).reshape(B, h * T, 1)
         values = torch.einsum("bthw,dhw->bhtd", v.view(B, T, h, w), self.proj.weight.view(D, h, w))
