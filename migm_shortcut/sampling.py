@@ -25,7 +25,8 @@ from .schedules import REVEAL, SamplingRule, cfg_weight, noise_scale, refresh_st
 
 # Names the sampler's arithmetic (noise, draws): recorded with trajectories and sample sets, so that
 # outputs of an earlier sampler are redone instead of resumed or kept.
-SAMPLER_VERSION = "counter-hash noise, inverse-CDF draws, masked positions only, CFG on features"
+SAMPLER_VERSION = ("counter-hash noise, inverse-CDF draws, masked positions only, CFG on features, "
+                   "the shortcut predicts masked positions only")
 
 
 @dataclass
@@ -39,6 +40,7 @@ class StepState:
     new_ids: torch.Tensor  # tokens committed at the previous step, both branches [2B, R]
     new_positions: torch.Tensor  # their image token indices [2B, R]
     mask_ratio: torch.Tensor  # fraction of image tokens still masked in the current state [2B]
+    masked: torch.Tensor  # image token indices still masked in the current state [2B, M]
     cond: torch.Tensor | None = None  # conditions of both branches [2B, ...] (cond, then uncond)
 
 
@@ -85,8 +87,9 @@ class Extrapolate(FeatureSource):
 class Learned(FeatureSource):
     """The MIGM-Shortcut: a small model predicts f_t from f_{t-1}, the new tokens and the mask ratio.
 
-    It sees only the tokens committed at the previous step, gathered (no mask over all L), and the
-    base's context for the run's conditions is made once, not at every step."""
+    It sees only the tokens committed at the previous step, gathered (no mask over all L), predicts
+    only the positions the next head reads (`predicted_positions`), and the base's context for the
+    run's conditions is made once, not at every step."""
 
     name = SHORTCUT
 
@@ -103,9 +106,19 @@ class Learned(FeatureSource):
 
     def predict(self, state: StepState) -> torch.Tensor:
         new_embed = self.base.embed_tokens(state.new_ids, state.new_positions)
-        f = self.shortcut(state.prev_feature, new_embed, None, state.mask_ratio,
-                          context=self._context_for(state.cond), new_positions=state.new_positions)
+        context = self._context_for(state.cond)
+        f = self.shortcut(state.prev_feature, new_embed, None, state.mask_ratio, context=context,
+                          new_positions=state.new_positions,
+                          at=predicted_positions(self.base, state.masked, context))
         return f.to(state.prev_feature.dtype)
+
+
+def predicted_positions(base: MaskedBase, masked: torch.Tensor, context) -> torch.Tensor | None:
+    """The feature positions [B, M] a shortcut step predicts: those of the image tokens still
+    masked (`masked` [B, M]), the only ones the next head reads and MaskGIT's loss trains (SPEC
+    section 5); None, every position, for a base that gives the shortcut a context (DiMOO, whose
+    loss covers them all)."""
+    return None if context is not None else base.image_positions[masked]
 
 
 def feature_source(sampler: str, base: MaskedBase, shortcut: torch.nn.Module | None = None) -> FeatureSource:
@@ -224,7 +237,7 @@ def generate(base: MaskedBase, rule: SamplingRule, cond: torch.Tensor, sample_id
             else:
                 ratio = torch.full((2 * B,), masked.shape[1] / L, device=dev)
                 f = source.predict(StepState(i, N, f, tokens, new.ids.repeat(2, 1),
-                                             new.positions.repeat(2, 1), ratio, both))
+                                             new.positions.repeat(2, 1), ratio, masked.repeat(2, 1), both))
         if record:
             recorded.append(f.to("cpu", torch.float32))
         new = commit_step(base, rule, f, masked, keys, i, reveal[i], amp)

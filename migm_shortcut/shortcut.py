@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_model
-from .layers import RMSNorm, ShortcutContext, attention, swiglu
+from .layers import RMSNorm, ShortcutContext, attention, flat_index, rows_at, swiglu
 
 
 @dataclass(frozen=True)
@@ -123,11 +123,15 @@ class ShortcutBlock(nn.Module):
         self.self_norm, self.self_attn, self.ffn = norm(dim), Attention(dim, heads, not llada), make_ffn(dim)
 
     def forward(self, x: torch.Tensor, new: torch.Tensor, new_mask: torch.Tensor | None,
-                context: ShortcutContext | None = None, key_positions: torch.Tensor | None = None) -> torch.Tensor:
+                context: ShortcutContext | None = None, key_positions: torch.Tensor | None = None,
+                at: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, S, d] -> [B, S, d], or [B, P, d] at the positions `at` [B, P] alone: every position
+        is still a self-attention key, but only those are queries, and only they take the last FFN."""
         cross_rope = self_rope = self_mask = None
         if context is not None:
             cross_rope = (context.positions, key_positions, context.rope_theta)
-            self_rope = (context.positions, context.positions, context.rope_theta)
+            query_positions = context.positions if at is None else context.positions.gather(1, at)
+            self_rope = (query_positions, context.positions, context.rope_theta)
             self_mask = context.valid[:, None, None, :]
         if self.cross is not None:
             kv = self.cross.norm(new) if self.llada else new
@@ -141,7 +145,10 @@ class ShortcutBlock(nn.Module):
                 x = x + self.cross.attn(self.cross.norm(x), kv, keys, cross_rope) * gate
             x = x + self.cross.ffn(x)
         h = self.self_norm(x)
-        x = x + self.self_attn(h, h, self_mask, self_rope)
+        queries = h
+        if at is not None:
+            x, queries = rows_at(x, at), rows_at(h, at)
+        x = x + self.self_attn(queries, h, self_mask, self_rope)
         return x + self.ffn(x)
 
 
@@ -175,12 +182,17 @@ class Shortcut(nn.Module):
 
     def forward(self, f: torch.Tensor, new_embed: torch.Tensor, new_mask: torch.Tensor | None,
                 mask_ratio: torch.Tensor, context: ShortcutContext | None = None,
-                new_positions: torch.Tensor | None = None) -> torch.Tensor:
+                new_positions: torch.Tensor | None = None, at: torch.Tensor | None = None) -> torch.Tensor:
         """f [B, S, D]; new_embed [B, R, D]: base embeddings of R image tokens, at image token
         indices `new_positions` [B, R] (None: R = L, all in order); new_mask [B, R] marks those
         committed at the previous step (None: all of them are, as when the sampler gathers just
         the new tokens); mask_ratio [B] of the state predicted; context: required by the DiMOO
-        variant, refused by the MaskGIT one."""
+        variant, refused by the MaskGIT one.
+
+        at [B, P]: the feature positions to predict, the same number in every row (None: all S).
+        The others keep f: the sampler reads only the positions still masked, which are also the
+        only ones MaskGIT's loss trains (`train_shortcut.shortcut_step` keeps f at the rest too),
+        so the last half of the block runs on P of the S positions."""
         if (context is not None) != (self.spec.variant == "dimoo"):
             raise ValueError(f"shortcut variant {self.spec.variant!r} "
                              f"{'needs' if context is None else 'takes no'} base context (rotary positions, prompt)")
@@ -197,13 +209,18 @@ class Shortcut(nn.Module):
             new_mask = torch.cat([context.prompt_valid, new_mask], 1)
             key_index = torch.cat([context.prompt_index.expand(len(f), -1), image], 1)
             key_positions = context.positions.gather(1, key_index)
-        for block in self.blocks:
-            x = block(x, new, new_mask, context, key_positions)
+        for i, block in enumerate(self.blocks):  # every position feeds the next block's keys
+            x = block(x, new, new_mask, context, key_positions, at if i == len(self.blocks) - 1 else None)
         x = self.norm(x)
         if self.time is not None:
             scale, shift = self.time(timestep_embedding(1000 * mask_ratio)).chunk(2, dim=-1)
             x = x * (1 + scale[:, None]) + shift[:, None]
-        return f + self.up(x)
+        if at is None:
+            return f + self.up(x)
+        B, S, D = f.shape
+        index = flat_index(at, S)
+        predicted = rows_at(f, at) + self.up(x)
+        return f.reshape(B * S, D).index_copy(0, index, predicted.flatten(0, 1).to(f.dtype)).view(B, S, D)
 
 
 def compiled(shortcut: Shortcut) -> nn.Module:

@@ -42,7 +42,8 @@ def branch_cond(base: MaskedBase, batch: dict) -> torch.Tensor:
 
 
 def shortcut_step(shortcut: Shortcut, base: MaskedBase, feature, tokens, order, step, cond=None):
-    """One shortcut prediction of f_{step+1} from f_step, as the sampler makes it.
+    """One shortcut prediction of f_{step+1} from f_step, as the sampler makes it: predicted at the
+    loss positions, f_step kept at the others (the sampler's `predicted_positions`).
 
     cond: each item's branch condition (`branch_cond`), for bases that give the shortcut a context.
     Returns the prediction and the loss mask (`loss_positions`)."""
@@ -51,7 +52,8 @@ def shortcut_step(shortcut: Shortcut, base: MaskedBase, feature, tokens, order, 
     # In the sampler the current tokens hold the committed ids at new positions; the true final
     # tokens hold the same ids there, so the embedding the shortcut sees is identical.
     pred = shortcut(feature, base.embed_tokens(tokens), new_mask, next_ratio, context=context)
-    return pred, loss_positions(base, next_masked, context)
+    mask = loss_positions(base, next_masked, context)
+    return torch.where(mask[..., None], pred, feature), mask
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
@@ -318,14 +320,22 @@ def _add_rollout(sums: dict, budget: int, shortcut, base, rule, true, tokens, or
             prev = dict.fromkeys(ROLLOUT_SOURCES, true[:, t])
             continue
         prev[SHORTCUT], mask = shortcut_step(shortcut, base, prev[SHORTCUT], tokens, order, t - 1, cond)
-        new_mask, _, ratio = pair_masks(order, t - 1)
-        state = StepState(t, steps, None, torch.where(order < t, tokens, base.mask_id), new_mask, ratio, cond)
+        new_mask, masked, ratio = pair_masks(order, t - 1)
+        new_positions = dense_positions(new_mask)
+        state = StepState(t, steps, None, torch.where(order < t, tokens, base.mask_id),
+                          tokens.gather(1, new_positions), new_positions, ratio, dense_positions(masked), cond)
         for name, source in baselines.items():
             prev[name] = source.predict(replace(state, prev_feature=prev[name]))
         target = guided_logits(base.head(true[:, t]), rule, t)
         for name in ROLLOUT_SOURCES:
             found = _error_sums(base, rule, t, prev[name], true[:, t], target, mask)
             sums[budget, t, name] = sums.get((budget, t, name), 0) + found
+
+
+def dense_positions(mask: torch.Tensor) -> torch.Tensor:
+    """The True positions of mask [B, L] as indices [B, n]: every row of a step has the same count
+    (the schedule fixes it), as the sampler's index of masked positions has."""
+    return mask.nonzero()[:, 1].view(len(mask), -1)
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ def test_latency_benchmark_prints_step_costs_implied_and_measured_speedups():
               "--threads", "2").stdout
     assert "batch 10 " in out and "batch 10," in out  # the profile's sample.batch_size, in both parts
     # part 1: the three costs as shares of a base step, at every N of the profile's grid (8 and 12)
-    costs = re.findall(r"N = (\d+): base step [\d.]+ ms/img; shortcut step [\d.]+ ms/img \([\d.]+% of a base step\); "
+    costs = re.findall(r"N = (\d+): base step [\d.]+ ms/img; shortcut step [\d.]+ ms/img on average over steps 1 "
+                       r"to N - 1 \([\d.]+% of a base step; [\d.]+% at its largest\); "
                        r"sampler's own work [\d.]+ ms/img per step on average \([\d.]+%", out)
     assert costs == ["8", "12"]
     assert len(re.findall(r"N\d+ B\d+: implied speedup [\d.]+x of N/B [\d.]+x = \d+%", out)) == 3

@@ -93,7 +93,8 @@ class Calls:
         self.hook = shortcut.register_forward_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs, out):
-        self.shortcut_args.append([a if a is None else a.clone() for a in args] + [kwargs["new_positions"]])
+        self.shortcut_args.append([a if a is None else a.clone() for a in args]
+                                  + [kwargs["new_positions"], kwargs["at"]])
         self.shortcut_out.append(out.clone())
 
 
@@ -131,7 +132,8 @@ def test_base_and_shortcut_call_counts(base, shortcut, monkeypatch, steps, budge
     # The shortcut saw both branches, the tokens of the previous step as new tokens, and the mask
     # ratio of the state it predicts (SPEC section 3/5: same convention as training).
     shortcut_steps = [s for s in range(steps) if s not in full]
-    for s, (f, new_embed, new_mask, ratio, positions) in zip(shortcut_steps, calls.shortcut_args):
+    for s, (f, new_embed, new_mask, ratio, positions, at), out_f in zip(shortcut_steps, calls.shortcut_args,
+                                                                       calls.shortcut_out):
         assert f.shape == (6, base.seq_len, base.dim) and new_embed.shape == (6, reveal[s - 1], base.dim)
         assert new_mask is None  # the keys are the gathered new tokens, nothing else
         torch.testing.assert_close(ratio, torch.full((6,), masked_at[s] / L))
@@ -140,6 +142,11 @@ def test_base_and_shortcut_call_counts(base, shortcut, monkeypatch, steps, budge
         assert torch.equal(committed, (out.order == s - 1).repeat(2, 1))
         ids = out.tokens.repeat(2, 1).gather(1, positions)
         torch.testing.assert_close(new_embed, base.embed_tokens(ids, positions))
+        # it predicts the positions still masked, the only ones the head reads; the rest keep f
+        predicted = torch.zeros(6, base.seq_len, dtype=torch.bool).scatter_(1, at, True)
+        assert torch.equal(predicted[:, base.image_positions], (out.order >= s).repeat(2, 1))
+        assert predicted.sum() == predicted[:, base.image_positions].sum()
+        assert torch.equal(out_f[~predicted], f[~predicted])
 
     # Chained shortcut steps: a shortcut step's input is the previous shortcut step's output.
     for k in range(1, len(shortcut_steps)):
@@ -265,9 +272,12 @@ def test_recorded_features_at_shortcut_steps_are_the_predictions(base, shortcut)
     for i in (1, 2, 4, 5):  # the shortcut's output given the state rebuilt from the final tokens
         state = torch.where(out.order < i, out.tokens, base.mask_id).repeat(2, 1)
         new, ratio = (out.order == i - 1).repeat(2, 1), (state == base.mask_id).float().mean(1)
-        predicted = shortcut(branches(out.features[:, :, i - 1]), base.embed_tokens(state), new, ratio,
-                             context=base.shortcut_context(both))
-        torch.testing.assert_close(branches(out.features[:, :, i]), predicted, rtol=1e-5, atol=1e-5)
+        prev = branches(out.features[:, :, i - 1])
+        predicted = shortcut(prev, base.embed_tokens(state), new, ratio, context=base.shortcut_context(both))
+        kept = torch.ones(2 * n, base.seq_len, 1, dtype=torch.bool)  # all but the positions still masked
+        kept[:, base.image_positions] = (out.order < i).repeat(2, 1)[..., None]
+        torch.testing.assert_close(branches(out.features[:, :, i]), torch.where(kept, prev, predicted),
+                                   rtol=1e-5, atol=1e-5)
         # not reuse's answer: the shortcut's update is not zero
         assert not torch.allclose(out.features[:, :, i], out.features[:, :, i - 1])
 
@@ -297,7 +307,7 @@ def test_saved_shortcut_samples_at_other_steps(base, shortcut, tmp_path, steps):
 
 def state_at(step: int, steps: int = 10) -> StepState:
     z = torch.zeros(1)
-    return StepState(step, steps, prev_feature=z, tokens=z, new_ids=z, new_positions=z, mask_ratio=z)
+    return StepState(step, steps, prev_feature=z, tokens=z, new_ids=z, new_positions=z, mask_ratio=z, masked=z)
 
 
 def test_extrapolate_formula():

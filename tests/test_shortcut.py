@@ -99,6 +99,22 @@ def test_gathered_new_tokens_give_what_the_masked_ones_give():
                                    shortcut(f, new_embed, new_mask, ratio), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("blocks", [1, 2])
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_predicting_some_positions_keeps_the_others(blocks, ablation):
+    """at: the positions the sampler reads. Those are what the whole step gives; the rest keep f."""
+    shortcut = make_shortcut(blocks=blocks, **ablation)
+    f, new_embed, new_mask, ratio = inputs()
+    g = torch.Generator().manual_seed(1)
+    at = torch.stack([torch.randperm(S, generator=g)[:20] for _ in range(B)])
+    wanted = torch.zeros(B, S, dtype=torch.bool).scatter(1, at, True)[..., None]
+    with torch.no_grad():
+        every = shortcut(f, new_embed, new_mask, ratio)
+        some = shortcut(f, new_embed, new_mask, ratio, at=at)
+    torch.testing.assert_close(some, torch.where(wanted, every, f), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(every, f)  # the step changes what it predicts: the check can fail
+
+
 def test_samples_are_independent_of_their_batch():
     shortcut = make_shortcut()
     f, new_embed, new_mask, ratio = inputs()

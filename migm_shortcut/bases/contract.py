@@ -9,6 +9,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from ..layers import rows_at
+
 
 class MaskedBase(nn.Module, ABC):
     """A masked image generation model split at its last hidden state.
@@ -56,8 +58,7 @@ class MaskedBase(nn.Module, ABC):
         """The rows of features [B, S, D] at image token indices `positions` [B, M] -> [B, M, D]."""
         if positions is None:
             return f[:, self.image_positions]
-        index = self.image_positions[positions]
-        return f.gather(1, index[..., None].expand(-1, -1, f.shape[-1]))
+        return rows_at(f, self.image_positions[positions])
 
     def shortcut_context(self, cond: torch.Tensor):
         """Extra shortcut inputs for a batch of conditions [B, ...] (both CFG branches), or None.
