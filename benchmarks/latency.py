@@ -6,13 +6,13 @@
     python benchmarks/latency.py --random --profile paper-dimoo --layers 1 --batch 1
 
 Part 1, for any profile: one step of the base (features, both CFG branches), one step of the
-shortcut (both branches, on the gathered tokens of an average step) and the sampler's own work at
+shortcut (both branches, the gathered tokens of an average step) and the sampler's own work at
 a step (head at the still-masked positions, CFG, draws, confidence, choice: `commit_step`), each
 as a share of a base step; then the speedup share of N/B these costs imply at the profile's or
 the paper's (N, B) points, beside the paper's own figures. `--layers k` builds k of the base's
 layers and scales the base step to the full depth (the paper bases do not fit a CPU run whole).
-The sampler's work grows with the masked positions M: it is timed at five steps and interpolated
-linearly in M over the others.
+The shortcut's and the sampler's work grow with the positions still masked M (the shortcut
+predicts only those): both are timed at five steps and interpolated linearly in M over the others.
 
 Part 2, for the tiny MaskGIT of a trained profile: vanilla N against the shortcut and reuse at
 several budgets, end to end, sampled as the sample stage samples (on a CPU: a slice of the batch
