@@ -1,6 +1,7 @@
-"""What the models share, so that no model imports another: multi-head attention (every base and
-the shortcut), the rows of a feature sequence at some positions, LLaDA's RMS norm, SwiGLU and rotary embedding (the DiMOO base and the DiMOO shortcut
-variant) and the context a rotary base hands its shortcut."""
+"""What the models share, so that no model imports another: multi-head attention and the rows of a
+feature sequence at some positions (every base and the shortcut), LLaDA's RMS norm, SwiGLU and
+rotary embedding (the DiMOO base and the DiMOO shortcut variant) and the context a rotary base
+hands its shortcut."""
 
 from dataclasses import dataclass
 
@@ -81,7 +82,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mas
 
 def rows_at(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     """x [B, S, d] at the positions at [B, P]: [B, P, d]. One row gather over the flattened batch:
-    `gather` along dim 1 reads element by element, ten times slower at a sampling step's shapes."""
+    `gather` along dim 1 reads element by element, 6-11 times slower at a sampling step's shapes."""
     B, S, d = x.shape
     return x.reshape(B * S, d).index_select(0, flat_index(at, S)).view(B, -1, d)
 

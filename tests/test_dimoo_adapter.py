@@ -210,6 +210,26 @@ def dimoo_shortcut(seed: int = 2) -> Shortcut:
     return shortcut
 
 
+def test_shortcut_predicting_some_positions_keeps_the_others(base):
+    """at [B, P]: the rotary variant's queries keep their own positions; the others keep f."""
+    shortcut = dimoo_shortcut()
+    cond = base.pad_prompts(PROMPTS[:3])
+    both = torch.cat([cond, base.uncond(cond)])
+    g = torch.Generator().manual_seed(0)
+    L = base.num_tokens
+    tokens = torch.randint(0, base.codebook_size, (6, L), generator=g)
+    new_positions = torch.stack([torch.randperm(L, generator=g)[:3] for _ in range(6)])
+    at = base.image_positions[torch.stack([torch.randperm(L, generator=g)[: L // 2] for _ in range(6)])]
+    with torch.no_grad():
+        f = base.features(tokens, both)
+        args = (f, base.embed_tokens(tokens.gather(1, new_positions), new_positions), None, torch.full((6,), 0.5))
+        every = shortcut(*args, context=base.shortcut_context(both), new_positions=new_positions)
+        some = shortcut(*args, context=base.shortcut_context(both), new_positions=new_positions, at=at)
+    wanted = torch.zeros(6, f.shape[1], 1, dtype=torch.bool).scatter(1, at[..., None], True)
+    torch.testing.assert_close(some, torch.where(wanted, every, f), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(every, f)
+
+
 def test_generate_vanilla_and_shortcut(base):
     cond = base.pad_prompts(PROMPTS[:3])
     vanilla = generate(base, RULE, cond, [0, 1, 2], seed=5, record=True)
