@@ -6,8 +6,8 @@ against reuse, one short training per setting, all in one run (BENCHMARKS.md, se
     python benchmarks/shortcut_levers.py --runs '[{"name": "bottleneck2", "bottleneck_ratio": 2}]'
 
 Each setting trains the profile's shortcut (its keys replaced by the run's) from the same seed
-for `--updates` updates (the lr drops at 3/4 of them, EMA decay 0.99 from a quarter of them), on
-one thread, and prints one JSON line:
+for `--updates` updates (the lr drops at 3/4 of them, params' EMA decay from a quarter of them), on
+one thread, the training split held in memory as the stage holds it, and prints one JSON line:
 training seconds, the teacher-forced MSE ratio and the rollout MSE and KL ratios at every budget
 of the grid at the store's N.
 """
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--runs", default=json.dumps(DEFAULT_RUNS),
                         help="JSON list of {name, kl_weight, unroll, loss_weighting, lr, batch_size, bottleneck_ratio, "
-                             "blocks, heads}; a key left out takes params' value")
+                             "blocks, heads, num_train}; a key left out takes params' value")
     parser.add_argument("--updates", type=int, help="default: shortcut.steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -55,16 +55,21 @@ def main() -> None:
     budgets = rollout_budgets(p.sample.shortcut, store.steps)
     num_train = store.num_samples - p.extract.num_val
     val = PairDataset(url, range(num_train, store.num_samples))
+    memory_limit = int(s.in_memory_gb * 1e9)
+    train_sets = {}  # by (unroll, trajectories): each read once
     for run in json.loads(args.runs):
+        split = run.get("unroll", 1), run.get("num_train", num_train)  # fewer: is data the limit?
+        if split not in train_sets:
+            train_sets[split] = PairDataset(url, range(split[1]), unroll=split[0], memory_limit=memory_limit)
         start = time.time()
         torch.manual_seed(s.seed)
         sizes = {k: run[k] for k in ARCHITECTURE if k in run}  # e.g. a wider bottleneck
         spec = ShortcutSpec.of(s.model_copy(update=sizes), base.dim, base.shortcut_variant)
         model = train_shortcut(
-            Shortcut(spec), base, PairDataset(url, range(num_train), unroll=run.get("unroll", 1)), steps=updates,
+            Shortcut(spec), base, train_sets[split], steps=updates,
             batch_size=run.get("batch_size", s.batch_size), lr=run.get("lr", s.lr),
             lr_decay_at=updates * 3 // 4, weight_decay=s.weight_decay,
-            ema_decay=0.99, ema_warmup=updates // 4, grad_clip=s.grad_clip, num_workers=0, seed=s.seed,
+            ema_decay=s.ema_decay, ema_warmup=updates // 4, grad_clip=s.grad_clip, num_workers=0, seed=s.seed,
             pairs_per_trajectory=s.pairs_per_trajectory, kl_weight=run.get("kl_weight", 0.0),
             kl_temperature=run.get("kl_temperature", 1.0), rule=rule,
             loss_weighting=run.get("loss_weighting", "position"), device=dev, progress=False)

@@ -185,7 +185,10 @@ class ShortcutConfig(Section):
     ema_decay: float = Field(0.999, gt=0, lt=1)
     ema_warmup: int = Field(100, ge=0)  # EMA starts averaging after this many updates
     grad_clip: float = Field(1.0, gt=0)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0)  # streaming loader processes; none when held in memory
+    # The training split's features are read into memory once when they take at most this many GB
+    # (stored dtype; each data-parallel rank holds its own copy); larger splits stream from the store.
+    in_memory_gb: float = Field(4.0, ge=0)
     seed: int = 0
     checkpoint_minutes: float = Field(10.0, gt=0)  # work between saves of the training state (and on SIGTERM)
 

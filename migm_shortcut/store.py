@@ -264,13 +264,19 @@ class PairDataset(torch.utils.data.Dataset):
     """Training items (sample, branch, s) for s = 0..N-1-unroll, streamed from a store.
 
     Item: feature f_s [S, D] float32, targets f_{s+1..s+unroll} [unroll, S, D] float32, tokens [L],
-    order [L], cond (the stored condition: class id, or prompt ids [P]), step s and branch (all long). Features stream: each item reads only steps
-    s..s+unroll of one branch, through a store opened lazily in each DataLoader worker. Tokens and
-    order of the chosen samples (6 bytes per image position against 4*N*D bytes of fp16 features)
-    are read once here: every zarr read costs about 1-2 ms of CPU however small it is.
+    order [L], cond (the stored condition: class id, or prompt ids [P]), step s and branch (all
+    long). Features stream: each item reads only steps s..s+unroll of one branch, through a store
+    opened lazily in each DataLoader worker. Tokens and order of the chosen samples (6 bytes per
+    image position against 4*N*D bytes of fp16 features) are read once here: every zarr read costs
+    about 1-2 ms of CPU however small it is.
+
+    memory_limit: when the chosen samples' features take at most this many bytes (stored dtype),
+    they are read here once, whole shards at a time, and items come from memory: zarr's cost per
+    read, not the model, bounds streamed training on a small base (BENCHMARKS.md, section 4).
     """
 
-    def __init__(self, url: str, indices: Sequence[int] | None = None, unroll: int = 1) -> None:
+    def __init__(self, url: str, indices: Sequence[int] | None = None, unroll: int = 1,
+                 memory_limit: int = 0) -> None:
         store = TrajectoryStore.open(url)
         self.url = url
         self.indices = list(range(store.num_samples) if indices is None else indices)
@@ -287,6 +293,10 @@ class PairDataset(torch.utils.data.Dataset):
         self.cond = store.labels.get_orthogonal_selection((self.indices, *[slice(None)] * (store.labels.ndim - 1)))
         self._store: TrajectoryStore | None = None  # opened per process, see __getitems__
         self._pid = os.getpid()
+        self.features: np.ndarray | None = None  # [samples, 2, N, S, D] when held in memory
+        if feature_bytes(store, len(self.indices)) <= memory_limit:
+            with zarr.config.set(_WHOLE_SHARDS):
+                self.features = store.features.get_orthogonal_selection((self.indices, *[slice(None)] * 4))
 
     def __len__(self) -> int:
         return len(self.indices) * 2 * self.pairs_per_branch
@@ -304,9 +314,6 @@ class PairDataset(torch.utils.data.Dataset):
         The batch's reads go to zarr as one concurrent request, which spreads zarr's per-call
         overhead (it, not decoding, bounds reading here).
         """
-        if self._store is None or self._pid != os.getpid():  # forked workers inherit no usable store
-            self._store, self._pid = TrajectoryStore.open(self.url), os.getpid()
-        features = self._store.features.async_array
         keys = []
         for item in items:
             sample, rest = divmod(item, 2 * self.pairs_per_branch)
@@ -317,14 +324,7 @@ class PairDataset(torch.utils.data.Dataset):
         for sample, branch, step in keys:
             wanted.setdefault((sample, branch), set()).update(range(step, step + self.unroll + 1))
         steps = {key: sorted(used) for key, used in wanted.items()}
-
-        async def fetch() -> list[np.ndarray]:
-            return await asyncio.gather(*(
-                features.get_orthogonal_selection((self.indices[sample], branch, used))
-                for (sample, branch), used in steps.items()
-            ))  # fmt: skip
-
-        reads = dict(zip(steps, sync(fetch())))
+        reads = dict(zip(steps, self._read(steps)))
         windows = []
         for sample, branch, step in keys:
             first = steps[sample, branch].index(step)  # steps step..step+unroll follow it in the sorted list
@@ -343,6 +343,28 @@ class PairDataset(torch.utils.data.Dataset):
                 "branch": torch.tensor(branch),
             })  # fmt: skip
         return batch
+
+
+    def _read(self, steps: dict[tuple[int, int], list[int]]) -> list[np.ndarray]:
+        """The features [len(used), S, D] of each (sample, branch): used of `steps`."""
+        if self.features is not None:
+            return [self.features[sample, branch, used] for (sample, branch), used in steps.items()]
+        if self._store is None or self._pid != os.getpid():  # forked workers inherit no usable store
+            self._store, self._pid = TrajectoryStore.open(self.url), os.getpid()
+        features = self._store.features.async_array
+
+        async def fetch() -> list[np.ndarray]:
+            return await asyncio.gather(*(
+                features.get_orthogonal_selection((self.indices[sample], branch, used))
+                for (sample, branch), used in steps.items()
+            ))  # fmt: skip
+
+        return sync(fetch())
+
+
+def feature_bytes(store: TrajectoryStore, samples: int) -> int:
+    """Bytes the features of `samples` trajectories of `store` take in its dtype."""
+    return samples * 2 * store.steps * store.seq_len * store.dim * np.dtype(store.dtype).itemsize
 
 
 class TrajectoryBatchSampler(torch.utils.data.Sampler):

@@ -191,6 +191,8 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
     start = state.resume(model=shortcut, optimizer=opt, schedule=sched, ema=ema.model)
     sampler = TrajectoryBatchSampler(train_set, batch_size, pairs_per_trajectory, seed, distributed.rank(), world,
                                      skip=start)  # one batch per update
+    if train_set.features is not None:  # held in memory: a batch is a few copies, no loader process
+        num_workers = 0
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0)
     batches = _batches(loader)
     bar = tqdm(state.updates(steps), desc="shortcut", initial=start, total=steps,

@@ -202,6 +202,31 @@ def test_pair_dataset_reads_only_the_steps_it_uses(tmp_path, monkeypatch):
     np.testing.assert_array_equal(batch[0]["targets"].numpy(), features[3, 1, 2:4])
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_pair_dataset_in_memory_gives_the_streamed_items(tmp_path, monkeypatch, dtype):
+    """Under its memory limit the dataset reads its samples' features once and serves every batch
+    from memory, item for item what streaming gives; one byte over the limit, it streams."""
+    url = str(tmp_path / "s.zarr")
+    fill(create(url, dtype=dtype), trajectories(), [0, 1, 2])
+    indices = [7, 2, 5]  # not in store order: item i of the dataset is sample indices[i]
+    size = len(indices) * 2 * SHAPES["steps"] * SHAPES["seq_len"] * SHAPES["dim"] * np.dtype(dtype).itemsize
+    assert PairDataset(url, indices, unroll=2, memory_limit=size - 1).features is None
+    streamed, held = PairDataset(url, indices, unroll=2), PairDataset(url, indices, unroll=2, memory_limit=size)
+    assert held.features.shape == (3, 2, SHAPES["steps"], SHAPES["seq_len"], SHAPES["dim"])
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a held dataset read the store")
+
+    monkeypatch.setattr(zarr.AsyncArray, "get_orthogonal_selection", no_reads)
+    items = [0, 3, 5, 11, 6, 8]  # samples 7 and 5, both branches, steps 0 and 1
+    batch = held.__getitems__(items)
+    monkeypatch.undo()
+    for a, b in zip(batch, streamed.__getitems__(items), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
 def test_pair_dataset_refuses_incomplete_units(tmp_path):
     create(tmp_path / "s.zarr")
     with pytest.raises(ValueError, match="not complete"):

@@ -170,6 +170,20 @@ def test_training_beats_reuse_teacher_forced_and_chained(trajectories):
     assert summary["rollout_kl_ratio_B2"] < 1 and summary["rollout_kl_ratio_B3"] < 1
 
 
+def test_training_on_a_split_held_in_memory_is_streamed_training(trajectories):
+    """The same batches in the same order: the same weights, whether the split streams from the
+    store through a loader process or is held in memory."""
+    models = []
+    for memory_limit in (0, 10**9):
+        torch.manual_seed(0)
+        data = PairDataset(trajectories, range(16), memory_limit=memory_limit)
+        assert (data.features is None) == (memory_limit == 0)
+        models.append(train_shortcut(Shortcut(ShortcutSpec(**SHORTCUT_SPEC)), make_base(), data, steps=6,
+                                     lr=3e-3, rule=RULE, **{**TRAIN, "num_workers": 1}))
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_distillation_training_logs_both_terms(trajectories):
     _, log = train(trajectories, steps=3, kl_weight=0.5, kl_temperature=2.0)
     for s in log:
