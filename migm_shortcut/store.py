@@ -311,8 +311,8 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitems__(self, items: list[int]) -> list[dict[str, torch.Tensor]]:
         """A batch of items (DataLoader calls this when batching is on).
 
-        The batch's reads go to zarr as one concurrent request, which spreads zarr's per-call
-        overhead (it, not decoding, bounds reading here).
+        Streamed, the batch's reads go to zarr as one concurrent request, which spreads zarr's
+        per-call overhead (it, not decoding, bounds reading here).
         """
         keys = []
         for item in items:
@@ -343,7 +343,6 @@ class PairDataset(torch.utils.data.Dataset):
                 "branch": torch.tensor(branch),
             })  # fmt: skip
         return batch
-
 
     def _read(self, steps: dict[tuple[int, int], list[int]]) -> list[np.ndarray]:
         """The features [len(used), S, D] of each (sample, branch): used of `steps`."""
