@@ -55,12 +55,11 @@ def main() -> None:
     budgets = rollout_budgets(p.sample.shortcut, store.steps)
     num_train = store.num_samples - p.extract.num_val
     val = PairDataset(url, range(num_train, store.num_samples))
-    memory_limit = int(s.in_memory_gb * 1e9)
     train_sets = {}  # by (unroll, trajectories): each read once
     for run in json.loads(args.runs):
         split = run.get("unroll", 1), run.get("num_train", num_train)  # fewer: is data the limit?
         if split not in train_sets:
-            train_sets[split] = PairDataset(url, range(split[1]), unroll=split[0], memory_limit=memory_limit)
+            train_sets[split] = PairDataset(url, range(split[1]), unroll=split[0], memory_limit=s.memory_limit)
         start = time.time()
         torch.manual_seed(s.seed)
         sizes = {k: run[k] for k in ARCHITECTURE if k in run}  # e.g. a wider bottleneck

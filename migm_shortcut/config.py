@@ -192,6 +192,11 @@ class ShortcutConfig(Section):
     seed: int = 0
     checkpoint_minutes: float = Field(10.0, gt=0)  # work between saves of the training state (and on SIGTERM)
 
+    @property
+    def memory_limit(self) -> int:
+        """`in_memory_gb` in bytes, as `PairDataset` takes it."""
+        return int(self.in_memory_gb * 1e9)
+
 
 # uniform: the refreshes of SPEC section 6 (`schedules.refresh_steps`); learned: the steps where the
 # shortcut's measured rollout error is least (`schedules.learned_refresh_steps`, stored by train_shortcut).

@@ -294,7 +294,7 @@ class PairDataset(torch.utils.data.Dataset):
         self._store: TrajectoryStore | None = None  # opened per process, see __getitems__
         self._pid = os.getpid()
         self.features: np.ndarray | None = None  # [samples, 2, N, S, D] when held in memory
-        if feature_bytes(store, len(self.indices)) <= memory_limit:
+        if store.features.nbytes // store.num_samples * len(self.indices) <= memory_limit:
             with zarr.config.set(_WHOLE_SHARDS):
                 self.features = store.features.get_orthogonal_selection((self.indices, *[slice(None)] * 4))
 
@@ -359,11 +359,6 @@ class PairDataset(torch.utils.data.Dataset):
             ))  # fmt: skip
 
         return sync(fetch())
-
-
-def feature_bytes(store: TrajectoryStore, samples: int) -> int:
-    """Bytes the features of `samples` trajectories of `store` take in its dtype."""
-    return samples * 2 * store.steps * store.seq_len * store.dim * np.dtype(store.dtype).itemsize
 
 
 class TrajectoryBatchSampler(torch.utils.data.Sampler):

@@ -41,7 +41,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {url} holds trajectories of {store.meta['base_id']}, not {base.base_id}: rerun extract")
     # The last num_val trajectories are held out for validation.
     num_train = store.num_samples - p.extract.num_val
-    train_set = PairDataset(url, range(num_train), unroll=s.unroll, memory_limit=int(s.in_memory_gb * 1e9))
+    train_set = PairDataset(url, range(num_train), unroll=s.unroll, memory_limit=s.memory_limit)
     val_set = PairDataset(url, range(num_train, store.num_samples))
     spec = ShortcutSpec.of(s, base.dim, base.shortcut_variant)
     rule = SamplingRule.of(p.sampling, store.steps)
