@@ -41,8 +41,8 @@ def main() -> None:
     parser.add_argument("--store", help="default: params' extract.store")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--runs", default=json.dumps(DEFAULT_RUNS),
-                        help="JSON list of {name, kl_weight, unroll, loss_weighting, lr, batch_size, bottleneck_ratio, "
-                             "blocks, heads, num_train}; a key left out takes params' value")
+                        help="JSON list of {name, kl_weight, unroll, loss_weighting, optimizer, lr, batch_size, "
+                             "bottleneck_ratio, blocks, heads, num_train}; a key left out takes params' value")
     parser.add_argument("--updates", type=int, help="default: shortcut.steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -71,7 +71,8 @@ def main() -> None:
             ema_decay=s.ema_decay, ema_warmup=updates // 4, grad_clip=s.grad_clip, num_workers=0, seed=s.seed,
             pairs_per_trajectory=s.pairs_per_trajectory, kl_weight=run.get("kl_weight", 0.0),
             kl_temperature=run.get("kl_temperature", 1.0), rule=rule,
-            loss_weighting=run.get("loss_weighting", "position"), device=dev, progress=False)
+            loss_weighting=run.get("loss_weighting", "position"), optimizer_kind=run.get("optimizer", s.optimizer),
+            device=dev, progress=False)
         seconds = time.time() - start
         per_step = validate_shortcut(model, base, val, device=dev)
         rollout = validate_rollout(model, base, store, range(num_train, store.num_samples), rule, budgets, device=dev)

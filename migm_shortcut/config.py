@@ -159,6 +159,8 @@ class ExtractConfig(Section):
 
 
 LossWeighting = Literal["position", "step"]
+# adamw: AdamW on every weight; muon: Muon on the weight matrices, AdamW on the rest (training.MuonAdamW)
+OptimizerKind = Literal["adamw", "muon"]
 
 
 class ShortcutConfig(Section):
@@ -179,6 +181,7 @@ class ShortcutConfig(Section):
     # Counted in items, one CFG branch each: a batch holds both branches of each (sample, step).
     batch_size: int = Field(64, ge=2, multiple_of=2)
     pairs_per_trajectory: int = Field(16, ge=2, multiple_of=2)  # a batch streams from batch_size / this trajectories
+    optimizer: OptimizerKind = "adamw"
     lr: float = Field(1e-3, gt=0)
     lr_decay_at: int = Field(2000, ge=0)  # lr drops 10x after this many updates
     weight_decay: float = Field(0.01, ge=0)

@@ -13,14 +13,14 @@ from tqdm import tqdm
 
 from . import distributed
 from .bases.contract import MaskedBase
-from .config import LossWeighting
+from .config import LossWeighting, OptimizerKind
 from .placement import placements
 from .samplers import BASELINES, EXTRAPOLATE, REUSE, SHORTCUT
 from .sampling import StepState, feature_source, generate, guided_logits, sampling_autocast
 from .schedules import SamplingRule, refresh_steps
 from .shortcut import Shortcut
 from .store import PairDataset, TrajectoryBatchSampler, TrajectoryStore, pair_masks
-from .training import EMA, Log, TrainingState, autocast, check_finite
+from .training import EMA, Log, TrainingState, autocast, check_finite, optimizer
 
 
 def loss_positions(base: MaskedBase, next_masked: torch.Tensor, context) -> torch.Tensor:
@@ -151,7 +151,8 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
                    lr: float, lr_decay_at: int, weight_decay: float, ema_decay: float, ema_warmup: int,
                    grad_clip: float, num_workers: int, seed: int, device: torch.device, pairs_per_trajectory: int = 16,
                    kl_weight: float = 0.0, kl_temperature: float = 1.0, rule: SamplingRule | None = None,
-                   loss_weighting: LossWeighting = "position", log: Log | None = None, log_every: int = 25, progress: bool = True,
+                   loss_weighting: LossWeighting = "position", optimizer_kind: OptimizerKind = "adamw",
+                   log: Log | None = None, log_every: int = 25, progress: bool = True,
                    state: TrainingState | None = None) -> Shortcut:
     """Train the shortcut on stored trajectories (base frozen); return the EMA weights.
 
@@ -162,6 +163,7 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
     loss_weighting "step": each step's squared error in units of reuse's there, measured on the
     first `SCALE_TRAJECTORIES` training trajectories (`reuse_error_per_step`); "position": plain
     MSE over every loss position of the batch.
+    optimizer_kind: "adamw", or "muon" (`training.MuonAdamW`), at the same lr and schedule.
 
     Data-parallel when torch.distributed is initialised (`distributed.setup`): each rank trains on
     its slice of every global batch of `batch_size`, as one process would up to float rounding,
@@ -184,7 +186,7 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
     # DDP copies rank 0's weights to every rank here, and averages the ranks' gradients in backward.
     model = shortcut if world == 1 else DistributedDataParallel(
         shortcut, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.AdamW(shortcut.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = optimizer(shortcut, optimizer_kind, lr, weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < lr_decay_at else 0.1)
     ema = EMA(shortcut, ema_decay, ema_warmup)
     state = state or TrainingState()

@@ -1,5 +1,5 @@
-"""What the training loops share: EMA weights, the non-finite-loss stop, device autocast, and the
-saved training state that lets a killed run resume."""
+"""What the training loops share: EMA weights, the optimizers, the non-finite-loss stop, device
+autocast, and the saved training state that lets a killed run resume."""
 
 import copy
 import os
@@ -36,6 +36,56 @@ class EMA:
                 ema.lerp_(live, 1 - decay)
             else:
                 ema.copy_(live)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon (`torch.optim.Muon`) on the weight matrices, AdamW on the rest (biases, norm scales):
+    Muon orthogonalises each matrix's update, which is defined for matrices only. Its lr is scaled
+    to AdamW's update size (`match_rms_adamw`), so one `lr` and one schedule serve both.
+
+    One optimizer to the schedule and the saved state: its param groups are its two parts'.
+    """
+
+    def __init__(self, params, lr: float, weight_decay: float):  # no super().__init__: the parts hold it all
+        params = list(params)
+        matrices, rest = [p for p in params if p.ndim == 2], [p for p in params if p.ndim != 2]
+        self.parts = {"muon": torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay,
+                                               adjust_lr_fn="match_rms_adamw"),
+                      "adamw": torch.optim.AdamW(rest, lr=lr, weight_decay=weight_decay)}
+        self.defaults = {"lr": lr, "weight_decay": weight_decay}
+
+    @property
+    def param_groups(self) -> list[dict]:  # the parts' own dicts: a schedule's lr reaches them
+        return [group for part in self.parts.values() for group in part.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {k: v for part in self.parts.values() for k, v in part.state.items()}
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        for part in self.parts.values():
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts.values():
+            part.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for name, part in self.parts.items():
+            part.load_state_dict(state_dict[name])
+
+
+def optimizer(model: torch.nn.Module, kind: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The optimizer `kind` ("adamw" or "muon": `MuonAdamW`) over `model`'s parameters."""
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if kind == "muon":
+        return MuonAdamW(model.parameters(), lr, weight_decay)
+    raise ValueError(f"optimizer {kind!r}: one of adamw, muon")
 
 
 def check_finite(loss: torch.Tensor, step: int, what: str) -> None:

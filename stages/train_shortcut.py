@@ -57,7 +57,7 @@ def main(argv=None) -> None:
                                ema_warmup=s.ema_warmup, grad_clip=s.grad_clip, num_workers=s.num_workers, seed=s.seed,
                                pairs_per_trajectory=s.pairs_per_trajectory, kl_weight=s.kl_weight,
                                kl_temperature=s.kl_temperature, rule=rule, loss_weighting=s.loss_weighting,
-                               device=dev, log=curve, state=state)
+                               optimizer_kind=s.optimizer, device=dev, log=curve, state=state)
         if not main_rank:
             return
         per_step = validate_shortcut(model, base, val_set, device=dev)

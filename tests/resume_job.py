@@ -48,6 +48,7 @@ def run(job: str, folder: str, minutes: float) -> int:
         model = train_shortcut(shortcut, base, PairDataset(f"{folder}/store.zarr"), steps=SHORTCUT_STEPS, batch_size=8,
                                lr=1e-3, lr_decay_at=90, weight_decay=0.01, ema_decay=0.9, ema_warmup=20, grad_clip=1.0,
                                num_workers=0, seed=0, device=torch.device("cpu"), pairs_per_trajectory=4,
+                               optimizer_kind="muon",  # the default's: its two parts' state resumes
                                log=lambda *_: started.touch(), progress=False, state=state)
         steps = SHORTCUT_STEPS
     torch.save(model.state_dict(), f"{folder}/{job}.pt")
