@@ -5,7 +5,7 @@ against reuse, one short training per setting, all in one run (BENCHMARKS.md, se
     python benchmarks/shortcut_levers.py --runs '[{"name": "mse"}, {"name": "kl1", "kl_weight": 1.0}]'
     python benchmarks/shortcut_levers.py --runs '[{"name": "bottleneck2", "bottleneck_ratio": 2}]'
 
-Each setting trains the profile's shortcut (its keys replaced by the run's) from the same seed
+Each setting trains the profile's shortcut (its keys replaced by the run's; `seed` too) from one seed
 for `--updates` updates (the lr drops at 3/4 of them, params' EMA decay from a quarter of them), on
 one thread, the training split held in memory as the stage holds it, and prints one JSON line:
 training seconds, the teacher-forced MSE ratio and the rollout MSE and KL ratios at every budget
@@ -61,14 +61,15 @@ def main() -> None:
         if split not in train_sets:
             train_sets[split] = PairDataset(url, range(split[1]), unroll=split[0], memory_limit=s.memory_limit)
         start = time.time()
-        torch.manual_seed(s.seed)
+        seed = run.get("seed", s.seed)  # the spread of training alone, on one store
+        torch.manual_seed(seed)
         sizes = {k: run[k] for k in ARCHITECTURE if k in run}  # e.g. a wider bottleneck
         spec = ShortcutSpec.of(s.model_copy(update=sizes), base.dim, base.shortcut_variant)
         model = train_shortcut(
             Shortcut(spec), base, train_sets[split], steps=updates,
             batch_size=run.get("batch_size", s.batch_size), lr=run.get("lr", s.lr),
             lr_decay_at=updates * 3 // 4, weight_decay=s.weight_decay,
-            ema_decay=s.ema_decay, ema_warmup=updates // 4, grad_clip=s.grad_clip, num_workers=0, seed=s.seed,
+            ema_decay=s.ema_decay, ema_warmup=updates // 4, grad_clip=s.grad_clip, num_workers=0, seed=seed,
             pairs_per_trajectory=s.pairs_per_trajectory, kl_weight=run.get("kl_weight", 0.0),
             kl_temperature=run.get("kl_temperature", 1.0), rule=rule,
             loss_weighting=run.get("loss_weighting", "position"), optimizer_kind=run.get("optimizer", s.optimizer),
