@@ -5,7 +5,7 @@ against reuse, one short training per setting, all in one run (BENCHMARKS.md, se
     python benchmarks/shortcut_levers.py --runs '[{"name": "mse"}, {"name": "kl1", "kl_weight": 1.0}]'
     python benchmarks/shortcut_levers.py --runs '[{"name": "bottleneck2", "bottleneck_ratio": 2}]'
 
-Each setting trains the profile's shortcut (its keys replaced by the run's; `seed` too) from one seed
+Each setting trains the profile's shortcut (its keys replaced by the run's) from params' seed or the run's `seed`
 for `--updates` updates (the lr drops at 3/4 of them, params' EMA decay from a quarter of them), on
 one thread, the training split held in memory as the stage holds it, and prints one JSON line:
 training seconds, the teacher-forced MSE ratio and the rollout MSE and KL ratios at every budget
