@@ -4,8 +4,9 @@ against reuse, one short training per setting, all in one run (BENCHMARKS.md, se
     python benchmarks/shortcut_levers.py                     # the store and base in data/ (after make run)
     python benchmarks/shortcut_levers.py --runs '[{"name": "mse"}, {"name": "kl1", "kl_weight": 1.0}]'
     python benchmarks/shortcut_levers.py --runs '[{"name": "bottleneck2", "bottleneck_ratio": 2}]'
+    python benchmarks/shortcut_levers.py --runs '[{"name": "wide", "ffn_ratios": [2, 8], "cross_heads": 4}]'
 
-Each setting trains the profile's shortcut (its keys replaced by the run's) from params' seed or the run's `seed`
+Each setting trains the profile's shortcut, any `shortcut` key replaced by the run's (`seed` too),
 for `--updates` updates (the lr drops at 3/4 of them, params' EMA decay from a quarter of them), on
 one thread, the training split held in memory as the stage holds it, and prints one JSON line:
 training seconds, the teacher-forced MSE ratio and the rollout MSE and KL ratios at every budget
@@ -23,14 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from migm_shortcut.bases import load_base  # noqa: E402
-from migm_shortcut.config import load_params  # noqa: E402
+from migm_shortcut.config import ShortcutConfig, load_params  # noqa: E402
 from migm_shortcut.schedules import SamplingRule  # noqa: E402
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec  # noqa: E402
 from migm_shortcut.store import PairDataset, TrajectoryStore  # noqa: E402
 from migm_shortcut.train_shortcut import (rollout_budgets, rollout_summary, train_shortcut,  # noqa: E402
                                           validate_rollout, validate_shortcut)
 
-ARCHITECTURE = ("bottleneck_ratio", "blocks", "heads")  # run keys that change the shortcut's size
 DEFAULT_RUNS = [{"name": "mse"}, {"name": "kl0.1", "kl_weight": 0.1}, {"name": "kl1", "kl_weight": 1.0},
                 {"name": "unroll2", "unroll": 2}]
 
@@ -41,8 +41,8 @@ def main() -> None:
     parser.add_argument("--store", help="default: params' extract.store")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--runs", default=json.dumps(DEFAULT_RUNS),
-                        help="JSON list of {name, kl_weight, unroll, loss_weighting, optimizer, lr, batch_size, "
-                             "bottleneck_ratio, blocks, heads, num_train}; a key left out takes params' value")
+                        help="JSON list of {name, num_train, and any shortcut key}; a key left out takes "
+                             "params' value")
     parser.add_argument("--updates", type=int, help="default: shortcut.steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -56,24 +56,22 @@ def main() -> None:
     num_train = store.num_samples - p.extract.num_val
     val = PairDataset(url, range(num_train, store.num_samples))
     train_sets = {}  # by (unroll, trajectories): each read once
-    for run in json.loads(args.runs):
-        split = run.get("unroll", 1), run.get("num_train", num_train)  # fewer: is data the limit?
+    runs = json.loads(args.runs)
+    configs = [ShortcutConfig.model_validate({**s.model_dump(), **{k: v for k, v in run.items()
+                                                                   if k not in ("name", "num_train")}})
+               for run in runs]  # every run checked before any trains: an unknown key is an error
+    for run, cfg in zip(runs, configs):
+        split = cfg.unroll, run.get("num_train", num_train)  # fewer: is data the limit?
         if split not in train_sets:
-            train_sets[split] = PairDataset(url, range(split[1]), unroll=split[0], memory_limit=s.memory_limit)
+            train_sets[split] = PairDataset(url, range(split[1]), unroll=split[0], memory_limit=cfg.memory_limit)
         start = time.time()
-        seed = run.get("seed", s.seed)  # the spread of training alone, on one store
-        torch.manual_seed(seed)
-        sizes = {k: run[k] for k in ARCHITECTURE if k in run}  # e.g. a wider bottleneck
-        spec = ShortcutSpec.of(s.model_copy(update=sizes), base.dim, base.shortcut_variant)
+        torch.manual_seed(cfg.seed)  # a run's `seed`: the spread of training alone, on one store
         model = train_shortcut(
-            Shortcut(spec), base, train_sets[split], steps=updates,
-            batch_size=run.get("batch_size", s.batch_size), lr=run.get("lr", s.lr),
-            lr_decay_at=updates * 3 // 4, weight_decay=s.weight_decay,
-            ema_decay=s.ema_decay, ema_warmup=updates // 4, grad_clip=s.grad_clip, num_workers=0, seed=seed,
-            pairs_per_trajectory=s.pairs_per_trajectory, kl_weight=run.get("kl_weight", 0.0),
-            kl_temperature=run.get("kl_temperature", 1.0), rule=rule,
-            loss_weighting=run.get("loss_weighting", "position"), optimizer_kind=run.get("optimizer", s.optimizer),
-            device=dev, progress=False)
+            Shortcut(ShortcutSpec.of(cfg, base.dim, base.shortcut_variant)), base, train_sets[split], steps=updates,
+            batch_size=cfg.batch_size, lr=cfg.lr, lr_decay_at=updates * 3 // 4, weight_decay=cfg.weight_decay,
+            ema_decay=cfg.ema_decay, ema_warmup=updates // 4, grad_clip=cfg.grad_clip, num_workers=0, seed=cfg.seed,
+            pairs_per_trajectory=cfg.pairs_per_trajectory, kl_weight=cfg.kl_weight, kl_temperature=cfg.kl_temperature,
+            rule=rule, loss_weighting=cfg.loss_weighting, optimizer_kind=cfg.optimizer, device=dev, progress=False)
         seconds = time.time() - start
         per_step = validate_shortcut(model, base, val, device=dev)
         rollout = validate_rollout(model, base, store, range(num_train, store.num_samples), rule, budgets, device=dev)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from .samplers import BASELINES, SAMPLERS, SHORTCUT, VANILLA
 
@@ -167,6 +167,10 @@ class ShortcutConfig(Section):
     bottleneck_ratio: int = Field(2, ge=1)
     blocks: int = Field(1, ge=1)
     heads: int = Field(4, ge=1)
+    cross_heads: int | None = Field(None, ge=1)  # the cross-attention's; None: `heads`
+    # FFN hidden widths (before, after) the self-attention, in widths; None: 4x GELU (the SPEC's),
+    # 6x SwiGLU for DiMOO. The one after runs only at the positions the sampler reads.
+    ffn_ratios: tuple[PositiveInt, PositiveInt] | None = None
     cross_attention: bool = True  # ablation switch: False drops the new-token input
     time_embedding: bool = True  # ablation switch: False drops the mask-ratio conditioning
     unroll: int = Field(1, ge=1)  # chained shortcut steps per training example; 1 = the paper
@@ -333,9 +337,11 @@ class Params(Section):
                 if not 1 <= b <= grid.steps:
                     raise ValueError(f"sample.shortcut[{i}].budgets: budget {b} must be in [1, steps={grid.steps}]")
         width = self.base.width // self.shortcut.bottleneck_ratio
-        if self.base.width % self.shortcut.bottleneck_ratio or width % self.shortcut.heads:
-            raise ValueError(f"shortcut.heads={self.shortcut.heads} must divide the shortcut width base.width / "
-                             f"shortcut.bottleneck_ratio = {self.base.width} / {self.shortcut.bottleneck_ratio}")
+        for key in ("heads", "cross_heads"):
+            heads = getattr(self.shortcut, key) or 1
+            if self.base.width % self.shortcut.bottleneck_ratio or width % heads:
+                raise ValueError(f"shortcut.{key}={heads} must divide the shortcut width base.width / "
+                                 f"shortcut.bottleneck_ratio = {self.base.width} / {self.shortcut.bottleneck_ratio}")
         sample = self.sample
         if sample.num_samples // sample.batch_size <= sample.warmup_batches:
             raise ValueError(f"sample.num_samples={sample.num_samples} must hold more full batches of sample.batch_size="

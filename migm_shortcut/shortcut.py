@@ -3,7 +3,9 @@
     f_next = f + Out(adaLN_t(Block(Down(f), Down'(embed(new tokens)))))
 
 The block works at the bottleneck width D/k: cross-attention from the feature stream to the tokens
-committed at the previous step (what changed), an FFN, self-attention, another FFN. The mask ratio
+committed at the previous step (what changed), an FFN, self-attention, another FFN. The
+cross-attention may have more heads than the self-attention (`cross_heads`): one head averages a
+step's few new tokens into one vector, several keep them apart. The mask ratio
 of the state being predicted is the time input (t = 1000 r, sinusoidal, MLP, adaptive LayerNorm).
 The output projection starts at zero, so an untrained shortcut is exactly the "reuse" baseline and
 training learns only the feature's change over the step.
@@ -34,6 +36,10 @@ class ShortcutSpec:
     bottleneck_ratio: int = 2
     blocks: int = 1
     heads: int = 4
+    cross_heads: int | None = None  # heads of the cross-attention to the new tokens; None: `heads`
+    # Hidden width of the FFN (before, after) the self-attention, in multiples of the width; None:
+    # the variant's own (MaskGIT's GELU FFNs 4x, the SPEC's; DiMOO's SwiGLU 6x, the reference's).
+    ffn_ratios: tuple[int, int] | None = None
     cross_attention: bool = True
     time_embedding: bool = True
     variant: str = "maskgit"  # or "dimoo": LLaDA-style blocks with rotary positions (needs a ShortcutContext)
@@ -43,7 +49,8 @@ class ShortcutSpec:
         """The spec params.yaml's `shortcut` section gives a shortcut for a base of width `dim`
         whose features call for `variant` (its `shortcut_variant`)."""
         return cls(dim=dim, bottleneck_ratio=config.bottleneck_ratio, blocks=config.blocks, heads=config.heads,
-                   cross_attention=config.cross_attention, time_embedding=config.time_embedding, variant=variant)
+                   cross_heads=config.cross_heads, ffn_ratios=config.ffn_ratios, cross_attention=config.cross_attention,
+                   time_embedding=config.time_embedding, variant=variant)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -91,36 +98,41 @@ class Attention(nn.Module):
         return torch.baddbmm(out_bias, weights, values.reshape(B, h * T, D))
 
 
-def ffn(dim: int) -> nn.Module:
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+def ffn(dim: int, ratio: int = 4) -> nn.Module:
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, ratio * dim), nn.GELU(), nn.Linear(ratio * dim, dim))
 
 
 class SwiGLU(nn.Module):
     """LLaDA's pre-norm FFN. Hidden 6x the width: the reference keeps the base's 12288 at width 2048."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, ratio: int = 6):
         super().__init__()
+        hidden = ratio * dim
         self.norm = RMSNorm(dim)
-        self.gate, self.up, self.down = nn.Linear(dim, 6 * dim, False), nn.Linear(dim, 6 * dim, False), nn.Linear(6 * dim, dim, False)
+        self.gate, self.up, self.down = nn.Linear(dim, hidden, False), nn.Linear(dim, hidden, False), nn.Linear(hidden, dim, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return swiglu(self.norm(x), self.gate, self.up, self.down)
 
 
 class ShortcutBlock(nn.Module):
-    """Pre-norm residual: [cross-attention to new tokens, FFN,] self-attention, FFN.
+    """Pre-norm residual: [cross-attention to new tokens, FFN,] self-attention, FFN, sized by `spec`.
 
-    llada (the DiMOO variant): RMSNorm, SwiGLU, no biases, rotary attention; as in the reference,
+    The DiMOO variant (`llada`): RMSNorm, SwiGLU, no biases, rotary attention; as in the reference,
     the cross-attention norm also normalises the keys (they are raw token embeddings there).
     """
 
-    def __init__(self, dim: int, heads: int, cross_attention: bool, llada: bool = False):
+    def __init__(self, dim: int, spec: ShortcutSpec):
         super().__init__()
+        llada = self.llada = spec.variant == "dimoo"
         norm = RMSNorm if llada else nn.LayerNorm
         make_ffn = SwiGLU if llada else ffn
-        self.llada = llada
-        self.cross = nn.ModuleDict(dict(norm=norm(dim), attn=Attention(dim, heads, not llada), ffn=make_ffn(dim))) if cross_attention else None
-        self.self_norm, self.self_attn, self.ffn = norm(dim), Attention(dim, heads, not llada), make_ffn(dim)
+        before, after = spec.ffn_ratios or ((6, 6) if llada else (4, 4))
+        cross = dict(norm=norm(dim), attn=Attention(dim, spec.cross_heads or spec.heads, not llada),
+                     ffn=make_ffn(dim, before))
+        self.cross = nn.ModuleDict(cross) if spec.cross_attention else None
+        self.self_norm, self.self_attn = norm(dim), Attention(dim, spec.heads, not llada)
+        self.ffn = make_ffn(dim, after)
 
     def forward(self, x: torch.Tensor, new: torch.Tensor, new_mask: torch.Tensor | None,
                 context: ShortcutContext | None = None, key_positions: torch.Tensor | None = None,
@@ -164,12 +176,13 @@ class Shortcut(nn.Module):
         super().__init__()
         self.spec = spec
         D, d = spec.dim, spec.dim // spec.bottleneck_ratio
-        if d % spec.heads:
-            raise ValueError(f"shortcut.heads={spec.heads} must divide the bottleneck width {d}")
+        for key in ("heads", "cross_heads"):
+            if d % (getattr(spec, key) or 1):
+                raise ValueError(f"shortcut.{key}={getattr(spec, key)} must divide the bottleneck width {d}")
         llada = spec.variant == "dimoo"
         self.down = nn.Linear(D, d)
         self.down_new = nn.Linear(D, d) if spec.cross_attention else None
-        self.blocks = nn.ModuleList(ShortcutBlock(d, spec.heads, spec.cross_attention, llada) for _ in range(spec.blocks))
+        self.blocks = nn.ModuleList(ShortcutBlock(d, spec) for _ in range(spec.blocks))
         norm = RMSNorm(d, affine=not spec.time_embedding) if llada else None
         self.norm = norm or nn.LayerNorm(d, elementwise_affine=not spec.time_embedding)
         self.time = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, 2 * d)) if spec.time_embedding else None

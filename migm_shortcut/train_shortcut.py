@@ -142,9 +142,11 @@ def reuse_error_per_step(base: MaskedBase, pairs: PairDataset, *, device: torch.
 SCALE_TRAJECTORIES = 100  # enough for each step's mean to a few percent; a few seconds of reads
 
 
-def _batches(loader: DataLoader):
-    while True:  # epochs without end; the loop counts updates, not epochs
-        yield from loader
+def _forever(epochs):
+    """The items of `epochs` (a loader or batch sampler) epoch after epoch: the loop counts
+    updates, not epochs."""
+    while True:
+        yield from epochs
 
 
 def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset, *, steps: int, batch_size: int,
@@ -193,10 +195,11 @@ def train_shortcut(shortcut: Shortcut, base: MaskedBase, train_set: PairDataset,
     start = state.resume(model=shortcut, optimizer=opt, schedule=sched, ema=ema.model)
     sampler = TrajectoryBatchSampler(train_set, batch_size, pairs_per_trajectory, seed, distributed.rank(), world,
                                      skip=start)  # one batch per update
-    if train_set.features is not None:  # held in memory: a batch is a few copies, no loader process
-        num_workers = 0
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0)
-    batches = _batches(loader)
+    if train_set.features is None:
+        batches = _forever(DataLoader(train_set, batch_sampler=sampler, num_workers=num_workers,
+                                      persistent_workers=num_workers > 0))
+    else:  # held in memory: a batch is a few array copies, no loader process
+        batches = map(train_set.batch, _forever(sampler))
     bar = tqdm(state.updates(steps), desc="shortcut", initial=start, total=steps,
                disable=not progress or not distributed.is_main(), leave=False)
     for update in bar:

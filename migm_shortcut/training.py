@@ -2,6 +2,7 @@
 autocast, and the saved training state that lets a killed run resume."""
 
 import copy
+import math
 import os
 import signal
 import threading
@@ -38,8 +39,63 @@ class EMA:
                 ema.copy_(live)
 
 
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon's update, computed in fewer, cheaper operations.
+
+    Each matrix's Nesterov momentum is orthogonalised by the quintic Newton-Schulz iteration and
+    scaled by `adjust_lr_fn`, after decoupled weight decay, as torch's `step` does; the state
+    (`momentum_buffer`) and the param groups are torch's. torch iterates one matrix at a time in
+    bfloat16, which a CPU does slowly for small matrices (most of a shortcut update: BENCHMARKS.md,
+    section 4). Here the matrices of one shape iterate together as one batch, in float32 on the CPU
+    and bfloat16 on CUDA, where tensor cores make it the fast choice.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        for group in self.param_groups:
+            momentum, by_shape = group["momentum"], {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                by_shape.setdefault(p.shape, []).append((p, update))
+            for shape, pairs in by_shape.items():
+                ortho = newton_schulz(torch.stack([u for _, u in pairs]), group["ns_coefficients"],
+                                      group["ns_steps"], group["eps"])
+                lr = group["lr"] * muon_lr_ratio(shape, group["adjust_lr_fn"])
+                for (p, _), o in zip(pairs, ortho):
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(o.to(p.dtype), alpha=-lr)
+
+
+def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+    """Matrices g [k, A, B] mapped near their polar factors U V^T (singular values into about
+    0.7-1.2: the quintic iteration trades exactness for speed, as Muon intends)."""
+    a, b, c = coefficients
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = g.shape[-2] > g.shape[-1]
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+def muon_lr_ratio(shape: torch.Size, adjust_lr_fn: str | None) -> float:
+    """torch.optim.Muon's lr factor for a matrix of `shape`: "match_rms_adamw" gives updates of
+    AdamW's typical RMS (0.2 sqrt(max(A, B))); "original" (None) Muon's sqrt(max(1, A / B))."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1, rows / cols))
+
+
 class MuonAdamW(torch.optim.Optimizer):
-    """Muon (`torch.optim.Muon`) on the weight matrices, AdamW on the rest (biases, norm scales):
+    """Muon (`Muon`) on the weight matrices, AdamW on the rest (biases, norm scales):
     Muon orthogonalises each matrix's update, which is defined for matrices only. Its lr is scaled
     to AdamW's update size (`match_rms_adamw`), so one `lr` and one schedule serve both.
 
@@ -49,7 +105,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float, weight_decay: float):  # no super().__init__: the parts hold it all
         params = list(params)
         matrices, rest = [p for p in params if p.ndim == 2], [p for p in params if p.ndim != 2]
-        self.parts = {"muon": torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay,
+        self.parts = {"muon": Muon(matrices, lr=lr, weight_decay=weight_decay,
                                                adjust_lr_fn="match_rms_adamw"),
                       "adamw": torch.optim.AdamW(rest, lr=lr, weight_decay=weight_decay)}
         self.defaults = {"lr": lr, "weight_decay": weight_decay}

@@ -246,6 +246,7 @@ def test_cli_check_accepts_profile_and_rejects_missing(tmp_path):
     ("data.image_size", 30, "data.image_size"),
     # Shortcut() rejects heads that do not divide base.width / bottleneck_ratio (64 / 2 = 32)
     ("shortcut.heads", 3, "shortcut.heads"),
+    ("shortcut.cross_heads", 5, "shortcut.cross_heads"),
 ])  # fmt: skip
 def test_values_that_fail_in_a_later_stage_are_rejected_early(smoke, path, value, key):
     with pytest.raises(ConfigError) as err:

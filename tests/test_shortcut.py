@@ -86,9 +86,34 @@ def test_attention_over_few_keys_is_the_same_attention(keys):
         torch.testing.assert_close(attn(x, context), expected)
 
 
-def test_gathered_new_tokens_give_what_the_masked_ones_give():
+def test_cross_heads_split_the_cross_attention_alone():
+    """cross_heads: the cross-attention's heads, the self-attention's stay `heads`; unset (older
+    checkpoints' specs), the cross-attention has `heads`. The split changes what the step gives."""
+    block = make_shortcut(heads=1, cross_heads=4).blocks[0]
+    assert block.cross["attn"].heads == 4 and block.self_attn.heads == 1
+    assert make_shortcut(heads=1).blocks[0].cross["attn"].heads == 1
+    f, new_embed, new_mask, ratio = inputs()
+    with torch.no_grad():
+        one, four = (make_shortcut(heads=1, cross_heads=h)(f, new_embed, new_mask, ratio) for h in (1, 4))
+    assert not torch.allclose(one, four, atol=1e-4)
+    with pytest.raises(ValueError, match="cross_heads=3 must divide the bottleneck width 16"):
+        Shortcut(ShortcutSpec(**{**SHORTCUT_SPEC, "cross_heads": 3}))
+
+
+def test_ffn_ratios_size_the_ffns_before_and_after_the_self_attention():
+    """Unset (older checkpoints' specs): the SPEC's 4x GELU FFNs, DiMOO's 6x SwiGLU."""
+    block = make_shortcut(ffn_ratios=(2, 8)).blocks[0]  # width 16
+    assert block.cross["ffn"][1].out_features == 32 and block.ffn[1].out_features == 128
+    spec_sizes = make_shortcut().blocks[0]
+    assert spec_sizes.cross["ffn"][1].out_features == spec_sizes.ffn[1].out_features == 64
+    dimoo = Shortcut(ShortcutSpec(**{**SHORTCUT_SPEC, "variant": "dimoo"})).blocks[0]
+    assert dimoo.cross["ffn"].up.out_features == dimoo.ffn.up.out_features == 96
+
+
+@pytest.mark.parametrize("cross_heads", [None, 4])  # 4 heads x 3 keys: still the few-keys path
+def test_gathered_new_tokens_give_what_the_masked_ones_give(cross_heads):
     """The sampler hands the shortcut only the new tokens (few keys); training, all L under a mask."""
-    shortcut = make_shortcut()
+    shortcut = make_shortcut(cross_heads=cross_heads)
     f, new_embed, _, ratio = inputs()
     g = torch.Generator().manual_seed(0)
     positions = torch.stack([torch.randperm(L, generator=g)[:3] for _ in range(B)])

@@ -205,7 +205,8 @@ def test_pair_dataset_reads_only_the_steps_it_uses(tmp_path, monkeypatch):
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_pair_dataset_in_memory_gives_the_streamed_items(tmp_path, monkeypatch, dtype):
     """Under its memory limit the dataset reads its samples' features once and serves every batch
-    from memory, item for item what streaming gives; one byte over the limit, it streams."""
+    from memory, item for item what streaming gives, and its collated `batch` as a DataLoader
+    collates the streamed items; one byte over the limit, it streams."""
     url = str(tmp_path / "s.zarr")
     fill(create(url, dtype=dtype), trajectories(), [0, 1, 2])
     indices = [7, 2, 5]  # not in store order: item i of the dataset is sample indices[i]
@@ -219,12 +220,16 @@ def test_pair_dataset_in_memory_gives_the_streamed_items(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(zarr.AsyncArray, "get_orthogonal_selection", no_reads)
     items = [0, 3, 5, 11, 6, 8]  # samples 7 and 5, both branches, steps 0 and 1
-    batch = held.__getitems__(items)
+    batch, collated = held.__getitems__(items), held.batch(items)
     monkeypatch.undo()
     for a, b in zip(batch, streamed.__getitems__(items), strict=True):
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    expected = streamed.batch(items)  # a DataLoader's collation of the streamed items
+    assert collated.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(collated[key], expected[key], rtol=0, atol=0)
 
 
 def test_pair_dataset_refuses_incomplete_units(tmp_path):

@@ -16,7 +16,7 @@ from migm_shortcut.sampling import guided_logits
 from migm_shortcut.schedules import SamplingRule, learned_refresh_steps, refresh_steps
 from migm_shortcut.shortcut import Shortcut, ShortcutSpec
 from migm_shortcut.store import PairDataset, TrajectoryBatchSampler, TrajectoryStore
-from migm_shortcut.training import optimizer
+from migm_shortcut.training import Muon, optimizer
 from migm_shortcut.train_shortcut import (
     branch_cond, cond_then_uncond, distillation_kl, measure_placements, rollout_budgets, rollout_errors,
     reuse_error_per_step, rollout_summary, sampled_trajectories, shortcut_loss, shortcut_step,
@@ -237,6 +237,30 @@ def test_muon_orthogonalises_the_matrices_and_adamw_steps_the_rest():
     for name, p in model.named_parameters():
         torch.testing.assert_close(dict(resumed[0].named_parameters())[name], p, rtol=0, atol=0)
     assert any(not torch.equal(a, b) for a, b in zip(fresh[0].parameters(), model.parameters()))
+
+
+@pytest.mark.parametrize("adjust_lr_fn", ["match_rms_adamw", None])
+def test_muon_steps_as_torch_muon_does(adjust_lr_fn):
+    """training.Muon (matrices of one shape batched, float32 on the CPU) takes torch.optim.Muon's
+    steps, up to the bfloat16 rounding of torch's iteration (about 1% of a step here): wide, tall
+    and square matrices, two of one shape, weight decay, momentum carried over steps."""
+    shapes = [(8, 24), (24, 8), (8, 24), (12, 12), (16, 40)]
+    gen = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    start = [p.detach().clone() for p in ours]
+    settings = dict(lr=0.05, weight_decay=0.1, adjust_lr_fn=adjust_lr_fn)
+    opts = Muon(ours, **settings), torch.optim.Muon(theirs, **settings)
+    for _ in range(3):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        for opt in opts:
+            opt.step()
+    for a, b, w in zip(ours, theirs, start):
+        step = b.detach() - w
+        torch.testing.assert_close(a.detach() - w, step, rtol=0, atol=0.03 * step.abs().max().item())
+    assert opts[0].state_dict()["state"].keys() == opts[1].state_dict()["state"].keys()
 
 
 def test_distillation_training_logs_both_terms(trajectories):
