@@ -347,7 +347,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def batch(self, items: list[int]) -> dict[str, torch.Tensor]:
         """The batch of `items` as a DataLoader collates it. Held in memory, it is a few array
-        copies; collating items one by one was 15% of a shortcut update (BENCHMARKS.md, section 4)."""
+        copies; collating items one by one was 14% of a shortcut update (BENCHMARKS.md, section 4)."""
         if self.features is None:
             return default_collate(self.__getitems__(items))
         sample, rest = np.divmod(np.asarray(items, dtype=np.int64), 2 * self.pairs_per_branch)

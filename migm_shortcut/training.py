@@ -45,7 +45,7 @@ class Muon(torch.optim.Muon):
     Each matrix's Nesterov momentum is orthogonalised by the quintic Newton-Schulz iteration and
     scaled by `adjust_lr_fn`, after decoupled weight decay, as torch's `step` does; the state
     (`momentum_buffer`) and the param groups are torch's. torch iterates one matrix at a time in
-    bfloat16, which a CPU does slowly for small matrices (most of a shortcut update: BENCHMARKS.md,
+    bfloat16, which a CPU does slowly for small matrices (30% of a shortcut update: BENCHMARKS.md,
     section 4). Here the matrices of one shape iterate together as one batch, in float32 on the CPU
     and bfloat16 on CUDA, where tensor cores make it the fast choice.
     """
