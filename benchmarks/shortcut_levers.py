@@ -4,7 +4,7 @@ against reuse, one short training per setting, all in one run (BENCHMARKS.md, se
     python benchmarks/shortcut_levers.py                     # the store and base in data/ (after make run)
     python benchmarks/shortcut_levers.py --runs '[{"name": "mse"}, {"name": "kl1", "kl_weight": 1.0}]'
     python benchmarks/shortcut_levers.py --runs '[{"name": "bottleneck2", "bottleneck_ratio": 2}]'
-    python benchmarks/shortcut_levers.py --runs '[{"name": "wide", "ffn_ratios": [2, 8], "cross_heads": 4}]'
+    python benchmarks/shortcut_levers.py --runs '[{"name": "ffn", "ffn_ratios": [2, 8], "cross_heads": 4}]'
 
 Each setting trains the profile's shortcut, any `shortcut` key replaced by the run's (`seed` too),
 for `--updates` updates (the lr drops at 3/4 of them, params' EMA decay from a quarter of them), on
@@ -63,15 +63,18 @@ def main() -> None:
     for run, cfg in zip(runs, configs):
         split = cfg.unroll, run.get("num_train", num_train)  # fewer: is data the limit?
         if split not in train_sets:
-            train_sets[split] = PairDataset(url, range(split[1]), unroll=split[0], memory_limit=cfg.memory_limit)
+            train_sets[split] = PairDataset(url, range(split[1]), unroll=split[0],
+                                            memory_limit=cfg.memory_limit)
         start = time.time()
         torch.manual_seed(cfg.seed)  # a run's `seed`: the spread of training alone, on one store
         model = train_shortcut(
-            Shortcut(ShortcutSpec.of(cfg, base.dim, base.shortcut_variant)), base, train_sets[split], steps=updates,
-            batch_size=cfg.batch_size, lr=cfg.lr, lr_decay_at=updates * 3 // 4, weight_decay=cfg.weight_decay,
-            ema_decay=cfg.ema_decay, ema_warmup=updates // 4, grad_clip=cfg.grad_clip, num_workers=0, seed=cfg.seed,
-            pairs_per_trajectory=cfg.pairs_per_trajectory, kl_weight=cfg.kl_weight, kl_temperature=cfg.kl_temperature,
-            rule=rule, loss_weighting=cfg.loss_weighting, optimizer_kind=cfg.optimizer, device=dev, progress=False)
+            Shortcut(ShortcutSpec.of(cfg, base.dim, base.shortcut_variant)), base, train_sets[split],
+            steps=updates, batch_size=cfg.batch_size, lr=cfg.lr, lr_decay_at=updates * 3 // 4,
+            weight_decay=cfg.weight_decay, ema_decay=cfg.ema_decay, ema_warmup=updates // 4,
+            grad_clip=cfg.grad_clip, num_workers=0, seed=cfg.seed,
+            pairs_per_trajectory=cfg.pairs_per_trajectory, kl_weight=cfg.kl_weight,
+            kl_temperature=cfg.kl_temperature, rule=rule, loss_weighting=cfg.loss_weighting,
+            optimizer_kind=cfg.optimizer, device=dev, progress=False)
         seconds = time.time() - start
         per_step = validate_shortcut(model, base, val, device=dev)
         rollout = validate_rollout(model, base, store, range(num_train, store.num_samples), rule, budgets, device=dev)

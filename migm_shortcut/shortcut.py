@@ -49,8 +49,9 @@ class ShortcutSpec:
         """The spec params.yaml's `shortcut` section gives a shortcut for a base of width `dim`
         whose features call for `variant` (its `shortcut_variant`)."""
         return cls(dim=dim, bottleneck_ratio=config.bottleneck_ratio, blocks=config.blocks, heads=config.heads,
-                   cross_heads=config.cross_heads, ffn_ratios=config.ffn_ratios, cross_attention=config.cross_attention,
-                   time_embedding=config.time_embedding, variant=variant)
+                   cross_heads=config.cross_heads, ffn_ratios=config.ffn_ratios,
+                   cross_attention=config.cross_attention, time_embedding=config.time_embedding,
+                   variant=variant)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -109,7 +110,8 @@ class SwiGLU(nn.Module):
         super().__init__()
         hidden = ratio * dim
         self.norm = RMSNorm(dim)
-        self.gate, self.up, self.down = nn.Linear(dim, hidden, False), nn.Linear(dim, hidden, False), nn.Linear(hidden, dim, False)
+        self.gate, self.up = nn.Linear(dim, hidden, False), nn.Linear(dim, hidden, False)
+        self.down = nn.Linear(hidden, dim, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return swiglu(self.norm(x), self.gate, self.up, self.down)

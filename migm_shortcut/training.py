@@ -70,7 +70,8 @@ class Muon(torch.optim.Muon):
                     p.add_(o.to(p.dtype), alpha=-lr)
 
 
-def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                  eps: float) -> torch.Tensor:
     """Matrices g [k, A, B] mapped near their polar factors U V^T (singular values into about
     0.7-1.2: the quintic iteration trades exactness for speed, as Muon intends)."""
     a, b, c = coefficients
