@@ -5,8 +5,8 @@
 The block works at the bottleneck width D/k: cross-attention from the feature stream to the tokens
 committed at the previous step (what changed), an FFN, self-attention, another FFN. The
 cross-attention may have more heads than the self-attention (`cross_heads`): one head averages a
-step's few new tokens into one vector, several keep them apart. The mask ratio
-of the state being predicted is the time input (t = 1000 r, sinusoidal, MLP, adaptive LayerNorm).
+step's few new tokens into one vector, several keep them apart. The mask ratio of the state being
+predicted is the time input (t = 1000 r, sinusoidal, MLP, adaptive LayerNorm).
 The output projection starts at zero, so an untrained shortcut is exactly the "reuse" baseline and
 training learns only the feature's change over the step.
 

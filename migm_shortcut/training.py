@@ -72,8 +72,8 @@ class Muon(torch.optim.Muon):
 
 def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
                   eps: float) -> torch.Tensor:
-    """Matrices g [k, A, B] mapped near their polar factors U V^T (singular values into about
-    0.7-1.2: the quintic iteration trades exactness for speed, as Muon intends)."""
+    """Matrices g [k, A, B] mapped near their polar factors U V^T: the quintic iteration leaves
+    the singular values near 1, not at it (0.68-1.04 for a Gaussian 32 x 128), as Muon intends."""
     a, b, c = coefficients
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
     tall = g.shape[-2] > g.shape[-1]
