@@ -29,7 +29,6 @@ import fsspec
 import numpy as np
 import torch
 import zarr
-from torch.utils.data import default_collate
 from zarr.codecs import BloscCodec
 from zarr.core.sync import sync
 
@@ -346,10 +345,11 @@ class PairDataset(torch.utils.data.Dataset):
         return batch
 
     def batch(self, items: list[int]) -> dict[str, torch.Tensor]:
-        """The batch of `items` as a DataLoader collates it. Held in memory, it is a few array
-        copies; collating items one by one was 14% of a shortcut update (BENCHMARKS.md, section 4)."""
+        """The batch of `items` as a DataLoader collates it, from the features held in memory: a
+        few array copies, where collating items one by one was 14% of a shortcut update
+        (BENCHMARKS.md, section 4). Streamed datasets batch through a DataLoader."""
         if self.features is None:
-            return default_collate(self.__getitems__(items))
+            raise ValueError(f"{self.url}: batch() serves a split held in memory; this one streams")
         sample, rest = np.divmod(np.asarray(items, dtype=np.int64), 2 * self.pairs_per_branch)
         branch, step = np.divmod(rest, self.pairs_per_branch)
         later = step[:, None] + np.arange(1, self.unroll + 1)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from torch.utils.data import default_collate
 
 from migm_shortcut.store import SCHEMA_VERSION, PairDataset, TrajectoryStore, pair_masks
 
@@ -226,7 +227,7 @@ def test_pair_dataset_in_memory_gives_the_streamed_items(tmp_path, monkeypatch, 
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
-    expected = streamed.batch(items)  # a DataLoader's collation of the streamed items
+    expected = default_collate(streamed.__getitems__(items))  # what a DataLoader gives
     assert collated.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(collated[key], expected[key], rtol=0, atol=0)
